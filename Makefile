@@ -1,0 +1,48 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv first.
+# torch is pinned to the CPU build before the package is installed; the package itself
+# asks only for a range, so GPU users keep their own build.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO ?= demo
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test lint docs clean system-test-deps
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --retries 0 "torch==$(TORCH_VERSION)" --extra-index-url $(TORCH_INDEX)
+	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/cmb-bidsapp-synth $(DEMO)/bids --n-subjects 3 --size small --kinds swi,t2starw,megre --skull-fraction 0.34 --seed 42
+	$(BIN)/cmb-bidsapp $(DEMO)/bids $(DEMO)/derivatives participant -w $(DEMO)/work --skip-bids-validation
+	$(BIN)/cmb-bidsapp $(DEMO)/bids $(DEMO)/derivatives group
+	@echo ""
+	@echo "Demo finished. Reports:"
+	@ls -1 $(abspath $(DEMO))/derivatives/*.html
+
+system-test-deps:
+	./scripts/install-test-system-deps.sh
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
+test: $(STAMP) system-test-deps lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(MAKE) docs
+
+clean:
+	rm -rf $(VENV) $(DEMO) docs/_build .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Anatomy: template registration and MARS (Microbleed Anatomical Rating Scale) regions."""

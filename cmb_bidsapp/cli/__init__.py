@@ -1,0 +1,1 @@
+"""Command-line entry points: parser (argv to config) and the four console scripts."""

@@ -1,0 +1,1 @@
+"""Package data: default model bundle, MARS region map and other shipped files."""

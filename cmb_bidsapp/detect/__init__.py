@@ -1,0 +1,1 @@
+"""Detection: radial symmetry transform, candidates, clean-up rules and the lesion table."""

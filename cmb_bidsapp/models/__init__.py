@@ -1,0 +1,1 @@
+"""Networks, training, knowledge distillation, inference and model bundles."""

@@ -1,0 +1,1 @@
+"""Preprocessing: brain extraction, bias correction, echo combination, intensity normalisation."""

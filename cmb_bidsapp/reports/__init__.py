@@ -1,0 +1,1 @@
+"""QC reports: figures and HTML templates."""

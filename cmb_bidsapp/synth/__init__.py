@@ -1,0 +1,1 @@
+"""The simulator: anatomy, susceptibility, GRE physics, acquisition and the BIDS writer."""

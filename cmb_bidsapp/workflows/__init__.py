@@ -1,0 +1,1 @@
+"""Workflow builders: init_*_wf functions returning Nipype workflows."""
