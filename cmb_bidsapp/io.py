@@ -79,7 +79,11 @@ def load_nifti(path: str | Path, *, allow_4d: bool = False) -> nib.Nifti1Image:
             fix="Split the volumes (e.g. one file per echo) or select a 3D image with --bids-filter-file.",
         )
     affine = img.affine
-    if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+    if (
+        affine is None
+        or not np.all(np.isfinite(affine))
+        or abs(np.linalg.det(affine[:3, :3])) < 1e-12
+    ):
         raise InputError(
             "has a singular or non-finite affine (voxel-to-world matrix)",
             path=path,
@@ -140,7 +144,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_write_json(path: str | Path, obj: object) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write_text(
+        path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+    )
 
 
 def _json_default(obj: object) -> object:
