@@ -145,11 +145,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj: object) -> Path:
     return atomic_write_text(
-        path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n"
+        path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n"
     )
 
 
-def _json_default(obj: object) -> object:
+def json_default(obj: object) -> object:  # also used by bids.DerivativesWriter
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -159,13 +159,16 @@ def _json_default(obj: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def nifti_bytes(img: nib.Nifti1Image, *, gzipped: bool) -> bytes:
+    """The file bytes of an image; gzip with mtime 0, so the same image gives the same bytes."""
+    raw = img.to_bytes()
+    return gzip.compress(raw, compresslevel=6, mtime=0) if gzipped else raw
+
+
 def atomic_save_nifti(img: nib.Nifti1Image, path: str | Path) -> Path:
     """Save a NIfTI image atomically, with reproducible bytes (gzip mtime fixed to 0)."""
     path = Path(path)
-    if str(path).endswith(".nii.gz"):
-        raw = img.to_bytes()
-        return atomic_write_bytes(path, gzip.compress(raw, compresslevel=6, mtime=0))
-    return atomic_write_bytes(path, img.to_bytes())
+    return atomic_write_bytes(path, nifti_bytes(img, gzipped=str(path).endswith(".nii.gz")))
 
 
 def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> Path:

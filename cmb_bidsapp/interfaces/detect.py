@@ -1,0 +1,163 @@
+"""Thin interfaces over detect/: radial symmetry, candidate probability, lesion labels, lesion table."""
+
+from __future__ import annotations
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+from ..io import voxel_sizes
+from .base import load, save_like, set_threads
+
+
+class _FRSTIn(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="lesion-bright image")
+    in_mask = File(exists=True, mandatory=True)
+    radii_mm = traits.List(traits.Float, [1.0, 1.5, 2.0, 2.5], usedefault=True)
+    num_threads = traits.Int(1, usedefault=True)
+
+
+class _FRSTOut(TraitedSpec):
+    out_file = File(exists=True, desc="radial symmetry map in [0, 1]")
+
+
+class RadialSymmetry(SimpleInterface):
+    """Fast radial symmetry transform, radii in mm, 3D or per slice for thick slices."""
+
+    input_spec = _FRSTIn
+    output_spec = _FRSTOut
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from ..detect.frst import frst
+
+        set_threads(self.inputs.num_threads)
+        img = nib.load(self.inputs.in_file)
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        mask, _ = load(self.inputs.in_mask)
+        out = frst(
+            data,
+            tuple(voxel_sizes(img)),
+            radii_mm=tuple(self.inputs.radii_mm),
+            bright=True,
+            mask=np.asarray(mask) > 0,
+        )
+        self._results["out_file"] = save_like(out, img.affine, "frst.nii.gz")
+        return runtime
+
+
+class _CandIn(BaseInterfaceInputSpec):
+    in_norm = File(exists=True, mandatory=True, desc="lesion-bright image")
+    in_frst = File(exists=True, mandatory=True, desc="radial symmetry map")
+    in_mask = File(exists=True, mandatory=True)
+
+
+class _CandOut(TraitedSpec):
+    out_probseg = File(exists=True, desc="voxel-wise probability in [0, 1]")
+
+
+class CandidateProbability(SimpleInterface):
+    """Provisional voxel-wise probability from radial symmetry and local contrast."""
+
+    input_spec = _CandIn
+    output_spec = _CandOut
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from ..detect.candidates import candidate_probability
+
+        img = nib.load(self.inputs.in_norm)
+        norm = np.asarray(img.dataobj, dtype=np.float32)
+        frst_map, _ = load(self.inputs.in_frst)
+        mask, _ = load(self.inputs.in_mask)
+        prob = candidate_probability(
+            norm,
+            np.asarray(frst_map, dtype=np.float32),
+            np.asarray(mask) > 0,
+            tuple(voxel_sizes(img)),
+        )
+        self._results["out_probseg"] = save_like(prob, img.affine, "probseg.nii.gz")
+        return runtime
+
+
+class _LabelIn(BaseInterfaceInputSpec):
+    in_probseg = File(exists=True, mandatory=True)
+    threshold = traits.Float(mandatory=True)
+    min_volume_mm3 = traits.Float(desc="smallest lesion kept (mm³)")
+    max_volume_mm3 = traits.Float(desc="largest lesion kept (mm³)")
+
+
+class _LabelOut(TraitedSpec):
+    out_labels = File(exists=True, desc="lesion label map (int16), 1..n")
+    n_lesions = traits.Int()
+
+
+class LabelLesions(SimpleInterface):
+    """Threshold, 26-connected components, size bounds in mm³, deterministic numbering."""
+
+    input_spec = _LabelIn
+    output_spec = _LabelOut
+
+    def _run_interface(self, runtime):
+        import nibabel as nib
+
+        from ..detect.candidates import label_candidates
+
+        img = nib.load(self.inputs.in_probseg)
+        prob = np.asarray(img.dataobj, dtype=np.float32)
+        kwargs = {}
+        if isdefined(self.inputs.min_volume_mm3):
+            kwargs["min_volume_mm3"] = self.inputs.min_volume_mm3
+        if isdefined(self.inputs.max_volume_mm3):
+            kwargs["max_volume_mm3"] = self.inputs.max_volume_mm3
+        labels, n = label_candidates(prob, self.inputs.threshold, tuple(voxel_sizes(img)), **kwargs)
+        self._results["out_labels"] = save_like(
+            labels, img.affine, "lesion_labels.nii.gz", dtype=np.int16
+        )
+        self._results["n_lesions"] = int(n)
+        return runtime
+
+
+class _TableIn(BaseInterfaceInputSpec):
+    in_labels = File(exists=True, mandatory=True)
+    in_probseg = File(exists=True, mandatory=True)
+    in_regions = File(desc="MARS region map in the source grid (labels 1..13)")
+    in_mni_affine = File(desc="JSON with the native→MNI mapping used for the hemisphere")
+
+
+class _TableOut(TraitedSpec):
+    out_table = File(exists=True, desc="lesion table (TSV)")
+
+
+class LesionTable(SimpleInterface):
+    """One row per lesion: position, size, probability, MARS region and class, hemisphere."""
+
+    input_spec = _TableIn
+    output_spec = _TableOut
+
+    def _run_interface(self, runtime):
+        import os
+
+        from ..detect.lesions import lesion_table
+
+        labels, affine = load(self.inputs.in_labels)
+        prob, _ = load(self.inputs.in_probseg)
+        regions = None
+        if isdefined(self.inputs.in_regions):
+            regions, _ = load(self.inputs.in_regions)
+            regions = np.asarray(regions)
+        table = lesion_table(
+            np.asarray(labels), affine, np.asarray(prob, dtype=np.float32), region_map=regions
+        )
+        path = os.path.abspath("lesions.tsv")
+        table.to_csv(path, sep="\t", index=False, na_rep="n/a")
+        self._results["out_table"] = path
+        return runtime

@@ -1,0 +1,75 @@
+"""The TSV outputs: their columns, data dictionaries (with units) and the counts per MARS class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from .anatomy.regions import MARS_CLASSES, MARS_REGIONS, UNKNOWN_REGION
+
+LESION_COLUMNS: dict[str, dict[str, Any]] = {
+    "lesion_id": {
+        "Description": "Lesion number; the same integer labels the lesion in any labelled map of this image.",
+    },
+    "x": {"Description": "Centre of mass, scanner x coordinate (RAS+).", "Units": "mm"},
+    "y": {"Description": "Centre of mass, scanner y coordinate (RAS+).", "Units": "mm"},
+    "z": {"Description": "Centre of mass, scanner z coordinate (RAS+).", "Units": "mm"},
+    "i": {"Description": "Voxel index (first axis) nearest the centre of mass, 0-based."},
+    "j": {"Description": "Voxel index (second axis) nearest the centre of mass, 0-based."},
+    "k": {"Description": "Voxel index (third axis) nearest the centre of mass, 0-based."},
+    "volume_mm3": {"Description": "Lesion volume on the image grid.", "Units": "mm^3"},
+    "diameter_mm": {
+        "Description": "Diameter of the sphere with the lesion's volume.",
+        "Units": "mm",
+    },
+    "probability": {
+        "Description": "The lesion's score after discrimination (the highest voxel probability in the lesion).",
+        "Units": "arbitrary (0-1)",
+    },
+    "mars_class": {
+        "Description": "MARS class of the lesion's region.",
+        "Levels": {c: c for c in MARS_CLASSES} | {UNKNOWN_REGION: "outside every MARS region"},
+    },
+    "region": {
+        "Description": "MARS region holding most of the lesion's voxels (see the documentation for ties).",
+        "Levels": {name: name.replace("_", " ") for name in MARS_REGIONS.values()}
+        | {UNKNOWN_REGION: "outside every MARS region"},
+    },
+    "hemisphere": {
+        "Description": "Side of the lesion's centre in template space.",
+        "Levels": {
+            "left": "left",
+            "right": "right",
+            "midline": "within 1 mm of the midline",
+            "n/a": "unknown",
+        },
+    },
+}
+
+COUNT_COLUMNS: dict[str, dict[str, Any]] = {
+    "total": {"Description": "Number of lesions in the final mask."},
+    **{c: {"Description": f"Number of lesions of MARS class {c}."} for c in MARS_CLASSES},
+    UNKNOWN_REGION: {"Description": "Number of lesions outside every MARS region."},
+    **{
+        name: {"Description": f"Number of lesions in the MARS region {name.replace('_', ' ')}."}
+        for name in MARS_REGIONS.values()
+    },
+    "definite_threshold": {
+        "Description": "Probability threshold used for the final mask.",
+        "Units": "arbitrary (0-1)",
+    },
+}
+
+
+def counts_row(lesions: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """One row: total, per class, per region, and the threshold used."""
+    row: dict[str, Any] = {"total": len(lesions)}
+    classes = lesions["mars_class"] if "mars_class" in lesions else pd.Series([], dtype=str)
+    regions = lesions["region"] if "region" in lesions else pd.Series([], dtype=str)
+    for c in (*MARS_CLASSES, UNKNOWN_REGION):
+        row[c] = int((classes == c).sum())
+    for name in MARS_REGIONS.values():
+        row[name] = int((regions == name).sum())
+    row["definite_threshold"] = float(threshold)
+    return pd.DataFrame([row], columns=list(COUNT_COLUMNS))
