@@ -107,6 +107,8 @@ class InputImage:
     """Suffix of the source ('swi', 'T2starw', 'MEGRE', 'Chimap')."""
     t1w: Path | None = None
     """A T1w of the same session, if present (better brain mask and registration)."""
+    error: str | None = None
+    """Why this image cannot be processed (found while collecting inputs), or None."""
 
     @property
     def source_name(self) -> str:
@@ -214,10 +216,11 @@ def check_dataset(bids_dir: Path) -> None:
 
 def _layout(bids_dir: Path):
     os.environ.setdefault("NO_ET", "1")
-    from bids import BIDSLayout
+    from bids import BIDSLayout, BIDSLayoutIndexer
 
     try:
-        return BIDSLayout(str(bids_dir), validate=False, index_metadata=False, derivatives=False)
+        indexer = BIDSLayoutIndexer(validate=False, index_metadata=False)
+        return BIDSLayout(str(bids_dir), validate=False, derivatives=False, indexer=indexer)
     except Exception as err:  # pybids raises many types for broken datasets
         raise InvalidDatasetError(
             f"could not be indexed by pybids ({type(err).__name__}: {str(err).splitlines()[0][:120]})",
@@ -236,7 +239,7 @@ def read_sidecar(layout_files: list, image: Path) -> dict[str, Any]:
         jents = {k: v for k, v in jf.get_entities().items() if k not in ("extension", "datatype")}
         if jents.get("suffix") != ents.get("suffix"):
             continue
-        if any(ents.get(k) != v for k, v in jents.items()):
+        if any(str(ents.get(k)) != str(v) for k, v in jents.items()):
             continue
         if jpath.parent != img_dir and jpath.parent not in img_dir.parents:
             continue
@@ -410,7 +413,23 @@ def collect_inputs(
                 f"{where}: using {chosen_kind}; also present: {', '.join(others)} (choose with --input-kind)"
             )
         files = kinds[chosen_kind]
-        image = _make_input(chosen_kind, files, phases, json_files, subject, session, notes, where)
+        try:
+            image = _make_input(
+                chosen_kind, files, phases, json_files, subject, session, notes, where
+            )
+        except InputError as err:
+            # The image fails alone; the others are still processed (exit 1 at the end).
+            first = Path(sorted(files, key=lambda f: f.path)[0].path)
+            ents = {k: v for k, v in _source_entities(files[0]).items()}
+            image = InputImage(
+                subject,
+                session,
+                chosen_kind,
+                [first],
+                entities=ents,
+                suffix=first.name.split(".")[0].split("_")[-1],
+                error=err.format(),
+            )
         if t1ws.get(key):
             image.t1w = Path(sorted(t1ws[key], key=_run_key)[-1].path)
         inputs.append(image)

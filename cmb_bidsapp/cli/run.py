@@ -41,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from .parser import parse_args
 
-        config = parse_args(argv)
+        try:
+            config = parse_args(argv)
+        except SystemExit as done:  # --help and --version
+            return int(done.code or 0)
         if config.analysis_level == "group":
             from ..workflows.group import run_group
 
@@ -138,7 +141,7 @@ def run_participant(config) -> int:
     failures: dict[str, Failure] = {}
     runnable = []
     for image in inputs:
-        problem = _preflight(image)
+        problem = image.error or _preflight(image)
         if problem is not None:
             failures[image.image_id] = Failure(_label(image), problem)
             _say(f"cmb-bidsapp: error: {_label(image)}: {problem}")
