@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from bidsfactory import GRE, make_dataset, write_json
 
 from cmb_bidsapp.bids import DerivativesWriter, build_name, collect_inputs, load_filters
 from cmb_bidsapp.errors import NoMatchError, UsageError
-
-from bidsfactory import GRE, make_dataset, write_json
 
 
 def test_preference_order_and_notes(tmp_path):
