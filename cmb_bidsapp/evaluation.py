@@ -18,8 +18,8 @@ Candidate pairs (`match`)
 Assignment (one-to-one, optimal, deterministic)
     Each reference lesion is matched to at most one predicted lesion and vice versa. Among all
     one-to-one assignments of candidate pairs, the scorer picks the one that (1) has the most
-    matches, then (2) the most overlapping matches, then (3) the smallest sum of centre
-    distances. It is solved exactly with the Hungarian algorithm
+    matches, then (2) with ``"both"``, the most overlapping matches, then (3) the smallest sum
+    of centre distances. It is solved exactly with the Hungarian algorithm
     (`scipy.optimize.linear_sum_assignment`) on a tiered cost matrix, separately for each
     connected group of candidate pairs. The result depends only on the masks and the affine.
 
@@ -55,6 +55,18 @@ Input kind of an image (``swi``, ``t2starw``, ``megre``, ``qsm`` or ``unknown``)
     the mask's `<source>`, (4) the `acq-` label (contains ``swi``, ``qsm``/``chi``, ``megre``,
     or ``t2s``/``gre``). Suffix to kind: `swi` -> swi; `T2starw` -> t2starw (swi when its `acq-`
     label contains ``swi``); `MEGRE` or any `echo-` entity -> megre; `Chimap` -> qsm.
+
+Which files
+    Every `**/*_label-CMB_mask.nii[.gz]` under the reference dataset is a reference (hidden
+    folders, nested `derivatives/` datasets and a prediction dataset nested inside it are
+    skipped); its prediction is the file with the same relative path in the prediction dataset
+    (or `_label-CMB_probseg` with a threshold). A missing prediction is scored as an empty mask
+    and listed. A prediction whose shape or affine (tolerance 0.001 mm) differs from its
+    reference is not resampled: that image fails with a one-line message and is left out.
+
+Speed
+    Masks are cropped to the bounding box of both before labelling; 100 images of
+    300x300x150 voxels score in about 18-25 s on 2 shared CPU cores (see the report).
 """
 
 from __future__ import annotations
@@ -766,15 +778,26 @@ def find_reference_masks(
     reference_dir: Path,
     participant_label: list[str] | None = None,
     session_label: list[str] | None = None,
+    exclude: Path | None = None,
 ) -> list[Path]:
-    """Reference masks `**/*_label-CMB_mask.nii[.gz]` (hidden folders skipped), sorted."""
+    """Reference masks `**/*_label-CMB_mask.nii[.gz]`, sorted.
+
+    Hidden folders, nested `derivatives/` datasets and anything under `exclude` (a prediction
+    dataset nested in the reference dataset) are skipped.
+    """
+    excluded = exclude.resolve() if exclude is not None else None
+    if excluded is not None and excluded == reference_dir.resolve():
+        excluded = None
     found = []
     for ending in (".nii.gz", ".nii"):
         for path in reference_dir.rglob(f"*{MASK_ENDING}{ending}"):
             rel = path.relative_to(reference_dir)
-            if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            if any(part.startswith(".") or part == "derivatives" for part in rel.parts[:-1]):
                 continue
-            found.append(path)
+            if excluded is not None and path.resolve().is_relative_to(excluded):
+                continue
+            if path.is_file():
+                found.append(path)
     subs = {s.removeprefix("sub-") for s in participant_label or []}
     sess = {s.removeprefix("ses-") for s in session_label or []}
     out = []
@@ -884,7 +907,7 @@ def score_dirs(
             raise UsageError(f"{name} is not a folder", path=folder, fix="Check the path.")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise UsageError(f"--threshold {threshold} is outside 0..1", fix="Give e.g. 0.5.")
-    masks = find_reference_masks(reference_dir, participant_label, session_label)
+    masks = find_reference_masks(reference_dir, participant_label, session_label, deriv_dir)
     if not masks:
         sel = (
             " for the selected participants/sessions" if participant_label or session_label else ""

@@ -318,3 +318,18 @@ def test_cli_exit_1_when_a_prediction_fails(dataset, capsys):
     assert "FAILED" in capsys.readouterr().out
     data = json.loads((out / "eval" / "cmb_eval.json").read_text())
     assert data["totals"]["n_failed"] == 1 and data["totals"]["n_images"] == 3
+
+
+def test_nested_prediction_dataset_is_not_taken_as_reference(dataset):
+    out, ref_dir = dataset
+    nested = ref_dir / "pred"
+    save(nested / "sub-04/anat/sub-04_run-1_label-CMB_mask.nii", np.zeros(SHAPE, np.uint8))
+    save(
+        ref_dir / "derivatives/x/sub-09/anat/sub-09_label-CMB_mask.nii.gz", np.ones(SHAPE, np.uint8)
+    )
+    s = score_dirs(nested, ref_dir)
+    assert sorted(i.subject for i in s.images) == ["01", "02", "03", "04"]
+    # The uncompressed `.nii` prediction is found, and it is empty: one FN.
+    sub4 = next(i for i in s.images if i.subject == "04")
+    assert sub4.prediction == "sub-04/anat/sub-04_run-1_label-CMB_mask.nii"
+    assert (sub4.pair.tp, sub4.pair.fn) == (0, 1)
