@@ -20,8 +20,9 @@ from nipype.interfaces.base import (
 )
 
 from ..bids import DerivativesWriter, InputImage
+from ..errors import CMBError
 from ..outputs import COUNT_COLUMNS, LESION_COLUMNS, counts_row
-from .base import load
+from .base import load, user_error
 
 
 def image_to_json(image: InputImage) -> str:
@@ -84,11 +85,20 @@ class WriteDerivatives(SimpleInterface):
     def _run_interface(self, runtime):
         image = image_from_json(self.inputs.image_json)
         writer = DerivativesWriter(self.inputs.output_dir, self.inputs.bids_dir)
-        writer.init_dataset()
         provenance = json.loads(self.inputs.provenance)
         threshold = float(self.inputs.threshold)
-        with writer.transaction():
-            out = self._write_all(writer, image, provenance, threshold)
+        try:
+            writer.init_dataset()
+            with writer.transaction():
+                out = self._write_all(writer, image, provenance, threshold)
+        except OSError as err:
+            raise user_error(
+                CMBError(
+                    f"could not write the outputs ({err.strerror or err})",
+                    path=err.filename or self.inputs.output_dir,
+                    fix="Free disk space or fix the permissions of OUTPUT_DIR, then re-run with the same -w to resume; no partial output was left.",
+                )
+            ) from None
         self._results["out_files"] = [str(p) for p in out]
         return runtime
 
