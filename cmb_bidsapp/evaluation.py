@@ -570,8 +570,8 @@ class ImageScore:
     def row(self) -> dict[str, Any]:
         p = self.pair
         return {
-            "subject": self.subject,
-            "session": self.session,
+            "participant_id": f"sub-{self.subject}",
+            "session_id": f"ses-{self.session}" if self.session else None,
             "source": self.source,
             "kind": self.kind,
             "prediction": "missing" if self.missing else "ok",
@@ -707,8 +707,8 @@ class Scores:
         t = self.totals()
         rows.append(
             {
-                "subject": "total",
-                "session": None,
+                "participant_id": "total",
+                "session_id": None,
                 "source": None,
                 "kind": None,
                 "prediction": f"{t['n_missing_predictions']} missing",
@@ -742,8 +742,8 @@ class Scores:
                     other = partner.get(k + 1)
                     out.append(
                         {
-                            "subject": img.subject,
-                            "session": img.session,
+                            "participant_id": f"sub-{img.subject}",
+                            "session_id": f"ses-{img.session}" if img.session else None,
                             "source": img.source,
                             "kind": img.kind,
                             "origin": origin,
@@ -939,8 +939,8 @@ def score_dirs(
                 {"reference": str(ref_path.relative_to(reference_dir)), "error": str(err)}
             )
     settings = {
-        "deriv_dir": str(deriv_dir),
-        "reference_dir": str(reference_dir),
+        "deriv_dir": str(deriv_dir.resolve()),
+        "reference_dir": str(reference_dir.resolve()),
         "raw_dir": str(raw_dir) if raw_dir else None,
         "match": match,
         "match_mm": float(match_mm),

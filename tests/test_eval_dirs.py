@@ -265,7 +265,8 @@ def test_cli_writes_tsv_and_json(dataset, capsys):
     printed = capsys.readouterr().out
     assert "total" in printed and "missing" in printed and "lobar" in printed
     rows = _read_tsv(out / "eval" / "cmb_eval.tsv")
-    assert [r["subject"] for r in rows] == ["01", "02", "03", "04", "total"]
+    assert [r["participant_id"] for r in rows] == ["sub-01", "sub-02", "sub-03", "sub-04", "total"]
+    assert rows[2]["session_id"] == "ses-1"
     assert rows[2]["prediction"] == "missing" and rows[2]["sensitivity"] == "n/a"
     assert (rows[-1]["tp"], rows[-1]["fp"], rows[-1]["fn"]) == ("4", "1", "3")
     data = json.loads((out / "eval" / "cmb_eval.json").read_text())
@@ -288,7 +289,7 @@ def test_cli_options_and_out_prefix(dataset, tmp_path):
     assert rc == 0
     rows = _read_tsv(prefix.with_name("run1.tsv"))
     # Both found lesions are 0.5 mm off (one voxel of 0.5 mm): no match within 0.4 mm by distance.
-    assert [r["subject"] for r in rows] == ["01", "total"]
+    assert [r["participant_id"] for r in rows] == ["sub-01", "total"]
     assert (rows[0]["tp"], rows[0]["fp"], rows[0]["fn"]) == ("0", "2", "3")
     assert not (out / "eval").exists()
 

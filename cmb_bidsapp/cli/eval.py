@@ -154,8 +154,8 @@ def _fmt(value: Any, width: int) -> str:
 def format_table(scores: Scores) -> str:
     """The printed summary: one line per image, the total, then per class, kind and subject."""
     cols = [
-        ("subject", 12),
-        ("session", 8),
+        ("participant_id", 15),
+        ("session_id", 11),
         ("kind", 8),
         ("prediction", 11),
         ("n_ref", 6),
