@@ -77,6 +77,7 @@ BIDSIGNORE_LINES = (
     "*.html",
     "figures/",
     "logs/",
+    "eval/",
     "*.tfm",
     "*_xfm.*",
 )
