@@ -1,0 +1,332 @@
+"""Inference: detector (sliding window) → candidates in the source grid → student scores → maps.
+
+:func:`detect` is what the app runs on one image, after preprocessing:
+
+1. The lesion-bright image and the radial-symmetry map (source grid, computed by the app's own
+   functions) are resampled to the working grid (:mod:`cmb_bidsapp.models.grid`).
+2. The detector runs over the working grid's brain bounding box in overlapping windows
+   (at most ``MAX_WINDOW`` = 112 voxels a side, ``OVERLAP`` = 16 voxels; the number of windows
+   per axis is the smallest that fits, and their size is then shrunk to the smallest multiple of
+   4 that covers the axis, so little is computed twice). Windows with no brain voxel are
+   skipped. Overlapping predictions are blended with Gaussian weights (σ = 1/8 of the window
+   side, as nnU-Net does) so that window borders, where the network sees zero padding, count
+   least. Output: the foreground softmax probability ``p_det``.
+3. ``p_det`` is mapped back to the source grid (trilinear) and set to 0 outside the brain mask.
+   Candidates are the 26-connected components of ``p_det >= t_det`` (``t_det`` from the bundle,
+   chosen on validation to keep >= 97 % of reference microbleeds) with a volume within
+   [``MIN_CANDIDATE_MM3``, ``MAX_CANDIDATE_MM3``] = [1, 1000] mm³, numbered deterministically
+   (:func:`cmb_bidsapp.detect.candidates.label_candidates`: by centre of mass along k, j, i).
+4. Each candidate gets a 24³ working-grid patch centred on its probability-weighted centre of
+   mass, and the student's softmax probability of the "microbleed" class, ``s_c``. Patches are
+   scored in batches of ``batch_size``.
+5. Outputs, all in the source grid:
+
+   - ``probseg`` (``_label-CMB_probseg``): inside candidate ``c``,
+     ``s_c · p_det / max_c(p_det)``; 0 elsewhere. Each component's MAXIMUM is therefore exactly
+     its student score ``s_c``, so thresholding ``probseg`` at P finds the same lesions as the
+     mask at ``--threshold P`` (``cmb-bidsapp-eval --threshold P`` on probseg agrees with the
+     mask), and the lesion table's ``probability`` (the maximum of probseg over the lesion) is
+     ``s_c``. Within a lesion the map keeps the detector's shape. (Refinement of
+     ``s_c · p_det``, whose maximum would be below ``s_c``.)
+   - ``labels``: the candidates with ``s_c >= threshold``, renumbered 1..n in the same
+     deterministic order; ``scores[i]`` is the score of lesion ``i + 1``.
+   - ``rejected``: the other candidates with their scores and positions, for the report.
+
+Determinism: on CPU the same inputs and thread count give bit-identical outputs (no random
+operation; PyTorch CPU convolutions are deterministic for a fixed thread count).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from ..detect.candidates import label_candidates
+from .bundle import Bundle, load_bundle, resolve_device
+from .grid import WorkingGrid, mask_to_working, to_source, to_working, voxel_sizes_of, working_grid
+from .sampling import extract_patch
+
+MAX_WINDOW = 112
+OVERLAP = 16
+MIN_CANDIDATE_MM3 = 1.0
+MAX_CANDIDATE_MM3 = 1000.0
+
+
+@dataclass
+class DetectionResult:
+    """What :func:`detect` returns (all maps in the source grid)."""
+
+    probseg: np.ndarray
+    """float32, learned probability (module docstring), 0 outside candidates."""
+    labels: np.ndarray
+    """int32, kept lesions numbered 1..n (0 elsewhere)."""
+    scores: np.ndarray
+    """float (n,), student score of lesion ``i + 1``."""
+    candidate_labels: np.ndarray
+    """int32, every candidate numbered 1..m (before the student)."""
+    candidate_scores: np.ndarray
+    """float (m,), student score of every candidate."""
+    rejected: list[dict[str, Any]]
+    """Candidates below the threshold: id, x, y, z (mm), i, j, k, volume_mm3, score."""
+    t_det: float
+    threshold: float
+    device: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    p_det: np.ndarray | None = None
+    """float32, the detector probability in the source grid (0 outside the brain)."""
+
+    @property
+    def n_lesions(self) -> int:
+        return int(len(self.scores))
+
+    @property
+    def mask(self) -> np.ndarray:
+        return (self.labels > 0).astype(np.uint8)
+
+
+def _axis_plan(length: int, max_window: int, overlap: int) -> tuple[int, list[int]]:
+    def ceil4(x: float) -> int:
+        return int(4 * np.ceil(x / 4.0))
+
+    if length <= max_window:
+        return ceil4(length), [0]
+    n = int(np.ceil((length - overlap) / (max_window - overlap)))
+    size = ceil4(np.ceil((length + (n - 1) * overlap) / n))
+    starts = np.rint(np.linspace(0, length - size, n)).astype(int).tolist()
+    return size, starts
+
+
+def plan_windows(
+    shape: tuple[int, ...], max_window: int = MAX_WINDOW, overlap: int = OVERLAP
+) -> tuple[tuple[int, int, int], list[tuple[int, int, int]]]:
+    """Window size (multiples of 4) and the start corners of the windows covering ``shape``."""
+    plans = [_axis_plan(int(s), max_window, overlap) for s in shape[:3]]
+    size = tuple(p[0] for p in plans)
+    starts = [(a, b, c) for a in plans[0][1] for b in plans[1][1] for c in plans[2][1]]
+    return size, starts
+
+
+def gaussian_importance(size: tuple[int, int, int], sigma_scale: float = 0.125) -> np.ndarray:
+    """Gaussian blending weights for a window (max 1, floor 1e-3)."""
+    grids = []
+    for s in size:
+        x = np.arange(s, dtype=np.float32) - (s - 1) / 2.0
+        grids.append(np.exp(-0.5 * (x / max(s * sigma_scale, 1.0)) ** 2))
+    w = grids[0][:, None, None] * grids[1][None, :, None] * grids[2][None, None, :]
+    w /= w.max()
+    return np.maximum(w, 1e-3).astype(np.float32)
+
+
+@torch.inference_mode()
+def detector_probability(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    brain: np.ndarray | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    max_window: int = MAX_WINDOW,
+    overlap: int = OVERLAP,
+) -> np.ndarray:
+    """Foreground probability of the detector over a (2, D, H, W) working-grid volume."""
+    device = resolve_device(device)
+    model.eval()
+    shape = volume.shape[1:]
+    size, starts = plan_windows(shape, max_window, overlap)
+    padded = tuple(max(s, w) for s, w in zip(shape, size))
+    vol = np.zeros((volume.shape[0], *padded), dtype=np.float32)
+    vol[:, : shape[0], : shape[1], : shape[2]] = volume
+    acc = np.zeros(padded, dtype=np.float32)
+    wsum = np.zeros(padded, dtype=np.float32)
+    weight = gaussian_importance(size)
+    for start in starts:
+        sl = tuple(slice(a, a + w) for a, w in zip(start, size))
+        if brain is not None and not np.any(brain[sl]):
+            continue
+        x = torch.from_numpy(np.ascontiguousarray(vol[(slice(None), *sl)]))[None].to(device)
+        prob = torch.softmax(model(x), dim=1)[0, 1].float().cpu().numpy()
+        acc[sl] += prob * weight
+        wsum[sl] += weight
+    out = np.divide(acc, wsum, out=np.zeros_like(acc), where=wsum > 0)
+    return out[: shape[0], : shape[1], : shape[2]]
+
+
+@torch.inference_mode()
+def classify_patches(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    centres: np.ndarray,
+    *,
+    patch_size: int = 24,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Softmax probability of class 1 for patches of ``volume`` (C, D, H, W) at ``centres`` (n, 3)."""
+    device = resolve_device(device)
+    model.eval()
+    centres = np.asarray(centres, dtype=int).reshape(-1, 3)
+    out = np.zeros(len(centres), dtype=np.float32)
+    for b in range(0, len(centres), batch_size):
+        batch = np.stack(
+            [extract_patch(volume, c, patch_size) for c in centres[b : b + batch_size]]
+        )
+        x = torch.from_numpy(batch.astype(np.float32, copy=False)).to(device)
+        out[b : b + len(batch)] = torch.softmax(model(x), dim=1)[:, 1].float().cpu().numpy()
+    return out
+
+
+def component_centres(prob: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Probability-weighted centre of mass (voxel indices, (n, 3) float) of components 1..n."""
+    if n == 0:
+        return np.zeros((0, 3))
+    w = np.where(labels > 0, prob, 0).astype(np.float64) + 1e-12 * (labels > 0)
+    return np.asarray(ndi.center_of_mass(w, labels, np.arange(1, n + 1)), dtype=float).reshape(
+        -1, 3
+    )
+
+
+def _to_working_inputs(
+    lesion_bright: np.ndarray, frst_map: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray
+) -> tuple[WorkingGrid, np.ndarray, np.ndarray]:
+    grid = working_grid(lesion_bright.shape, affine, brain_mask)
+    lb_w, _ = to_working(lesion_bright, affine, grid=grid)
+    fr_w, _ = to_working(frst_map, affine, grid=grid)
+    brain_w = mask_to_working(brain_mask, affine, grid, keep_components=False)
+    volume = np.stack([np.clip(lb_w, 0, 1), np.clip(fr_w, 0, 1)]).astype(np.float32)
+    return grid, volume, brain_w
+
+
+def detect(
+    lesion_bright: np.ndarray,
+    frst_map: np.ndarray,
+    brain_mask: np.ndarray,
+    affine: np.ndarray,
+    bundle: Bundle | None = None,
+    *,
+    device: str = "auto",
+    threshold: float | None = None,
+    batch_size: int = 64,
+    t_det: float | None = None,
+    student: torch.nn.Module | None = None,
+    keep_p_det: bool = False,
+) -> DetectionResult:
+    """Detect microbleeds in one preprocessed image (module docstring for every step).
+
+    Parameters
+    ----------
+    lesion_bright, frst_map
+        The app's normalised image (microbleeds bright, [0, 1]) and radial-symmetry map, in the
+        source grid.
+    brain_mask
+        Brain mask, source grid (non-zero inside).
+    affine
+        4x4 voxel-to-scanner matrix of the source grid (mm).
+    bundle
+        A loaded :class:`~cmb_bidsapp.models.bundle.Bundle` (default: the package's, on ``device``).
+    device
+        ``auto`` (CUDA if available), ``cpu`` or ``cuda``; ignored when ``bundle`` is given
+        (its networks already sit on a device).
+    threshold
+        Student-score operating point; the bundle's ``default_threshold`` when None.
+    batch_size
+        Candidate patches per student batch.
+    t_det, student
+        Overrides used by training and benchmarks (candidate threshold, another student).
+    """
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if bundle is None:
+        bundle = load_bundle(None, device)
+    dev = bundle.device
+    t_det = bundle.t_det if t_det is None else float(t_det)
+    threshold = bundle.default_threshold if threshold is None else float(threshold)
+    student = bundle.student if student is None else student
+    inf = bundle.meta.get("inference", {})
+    affine = np.asarray(affine, dtype=float)
+    brain = np.asarray(brain_mask) > 0
+    grid, volume, brain_w = _to_working_inputs(
+        np.asarray(lesion_bright, dtype=np.float32),
+        np.asarray(frst_map, dtype=np.float32),
+        brain,
+        affine,
+    )
+    times["to_working"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    p_w = detector_probability(
+        bundle.detector,
+        volume,
+        brain_w,
+        device=dev,
+        max_window=int(inf.get("max_window", MAX_WINDOW)),
+        overlap=int(inf.get("overlap", OVERLAP)),
+    )
+    times["detector"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    p_src = to_source(p_w, grid.affine, brain.shape, affine)
+    p_src[~brain] = 0.0
+    vs = voxel_sizes_of(affine)
+    cand, n = label_candidates(
+        p_src,
+        t_det,
+        tuple(vs),
+        min_volume_mm3=float(inf.get("min_candidate_mm3", MIN_CANDIDATE_MM3)),
+        max_volume_mm3=float(inf.get("max_candidate_mm3", MAX_CANDIDATE_MM3)),
+    )
+    centres_src = component_centres(p_src, cand, n)
+    world = centres_src @ affine[:3, :3].T + affine[:3, 3] if n else np.zeros((0, 3))
+    centres_w = np.rint(grid.world_to_voxel(world)).astype(int) if n else np.zeros((0, 3), int)
+    times["candidates"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    scores = classify_patches(
+        student, volume, centres_w, patch_size=bundle.patch_size, device=dev, batch_size=batch_size
+    )
+    times["student"] = time.perf_counter() - t3
+
+    ids = np.arange(1, n + 1)
+    lut_s = np.zeros(n + 1, dtype=np.float32)
+    lut_s[1:] = scores
+    pmax = np.ones(n + 1, dtype=np.float32)
+    if n:
+        pmax[1:] = np.maximum(np.asarray(ndi.maximum(p_src, cand, ids), dtype=np.float32), 1e-6)
+    probseg = np.where(cand > 0, lut_s[cand] * p_src / pmax[cand], 0.0).astype(np.float32)
+    probseg = np.clip(probseg, 0.0, 1.0)
+    keep = scores >= threshold
+    lut_new = np.zeros(n + 1, dtype=np.int32)
+    lut_new[ids[keep]] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    labels = lut_new[cand]
+    volumes = np.bincount(cand.ravel(), minlength=n + 1)[1:] * float(np.prod(vs))
+    rejected = [
+        {
+            "candidate_id": int(ids[i]),
+            "x": round(float(world[i, 0]), 2),
+            "y": round(float(world[i, 1]), 2),
+            "z": round(float(world[i, 2]), 2),
+            "i": int(round(centres_src[i, 0])),
+            "j": int(round(centres_src[i, 1])),
+            "k": int(round(centres_src[i, 2])),
+            "volume_mm3": round(float(volumes[i]), 3),
+            "score": round(float(scores[i]), 4),
+        }
+        for i in np.flatnonzero(~keep)
+    ]
+    times["total"] = time.perf_counter() - t0
+    return DetectionResult(
+        probseg=probseg,
+        labels=labels.astype(np.int32),
+        scores=scores[keep].astype(np.float32),
+        candidate_labels=cand.astype(np.int32),
+        candidate_scores=scores.astype(np.float32),
+        rejected=rejected,
+        t_det=t_det,
+        threshold=threshold,
+        device=str(dev),
+        seconds={k: round(v, 3) for k, v in times.items()},
+        p_det=p_src if keep_p_det else None,
+    )

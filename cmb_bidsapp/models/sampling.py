@@ -1,0 +1,181 @@
+"""Patch sampling and augmentation for training, on prepared subjects in the working grid.
+
+Detector patches (cubes of ``DETECTOR_PATCH`` = 32 working voxels, 25.6 mm)
+    Each patch centre is drawn from one of five pools, with these probabilities
+    (``DETECTOR_MIX``):
+
+    =============  =====  ===========================================================
+    pool           p      centre
+    =============  =====  ===========================================================
+    lesion         0.35   a voxel of a reference microbleed
+    mimic          0.20   a mimic of the simulator's table (vein, calcification,
+                          air-tissue artefact, ...), or a lesion-free bright spot if none
+    bright         0.10   one of the brightest 0.1 % radial-symmetry voxels that is not
+                          a lesion (hard negatives the table does not list)
+    edge           0.15   a voxel on the brain mask's boundary
+    background     0.20   any brain voxel
+    =============  =====  ===========================================================
+
+    An empty pool gives its share to ``background``. Then the centre is shifted by up to
+    ±``DETECTOR_SHIFT`` voxels per axis (a lesion is not always in the middle).
+
+Discriminator patches (cubes of 24 voxels centred on a candidate)
+    The centre is shifted by up to ±``CANDIDATE_SHIFT`` voxels per axis.
+
+Augmentation (:func:`augment`), independently per patch
+    flips along each axis (p = 0.5 each); on the lesion-bright channel a random contrast
+    ``x ↦ clip(a · x^γ + b + N(0, s²), 0, 1)`` inside the brain, with γ ∈ [0.7, 1.4] (log-uniform),
+    a ∈ [0.85, 1.15], b ∈ [−0.05, 0.05], s ∈ [0, 0.03]; the radial-symmetry channel is scaled by
+    [0.8, 1.2] and clipped to [0, 1]. Flips keep the physics: the dipole pattern of a bleed is
+    symmetric under each of them.
+
+All random draws come from a ``numpy.random.Generator`` passed in (deterministic for a seed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+DETECTOR_PATCH = 32
+DETECTOR_SHIFT = 8
+CANDIDATE_SHIFT = 2
+DETECTOR_MIX: dict[str, float] = {
+    "lesion": 0.35,
+    "mimic": 0.20,
+    "bright": 0.10,
+    "edge": 0.15,
+    "background": 0.20,
+}
+MAX_POOL = 4000
+"""At most this many voxels are kept per pool and subject (a uniform random subset)."""
+
+
+def extract_patch(volume: np.ndarray, centre: Sequence[int], size: int) -> np.ndarray:
+    """The cube of side ``size`` centred at ``centre`` (last 3 axes), zero-padded beyond the edges.
+
+    For even sizes the centre voxel is at index ``size // 2``.
+    """
+    centre = np.asarray(centre, dtype=int)
+    lead = volume.shape[:-3]
+    spatial = np.asarray(volume.shape[-3:])
+    lo = centre - size // 2
+    hi = lo + size
+    out = np.zeros((*lead, size, size, size), dtype=volume.dtype)
+    src_lo = np.maximum(lo, 0)
+    src_hi = np.minimum(hi, spatial)
+    if np.any(src_hi <= src_lo):
+        return out
+    dst_lo = src_lo - lo
+    dst_hi = dst_lo + (src_hi - src_lo)
+    src = (..., *[slice(a, b) for a, b in zip(src_lo, src_hi)])
+    dst = (..., *[slice(a, b) for a, b in zip(dst_lo, dst_hi)])
+    out[dst] = volume[src]
+    return out
+
+
+def _subset(points: np.ndarray, rng: np.random.Generator, n: int = MAX_POOL) -> np.ndarray:
+    if len(points) > n:
+        points = points[np.sort(rng.choice(len(points), n, replace=False))]
+    return points
+
+
+@dataclass
+class DetectorPools:
+    """Candidate patch centres (working voxel indices, (n, 3) int) of one subject, per pool."""
+
+    lesion: np.ndarray
+    mimic: np.ndarray
+    bright: np.ndarray
+    edge: np.ndarray
+    background: np.ndarray
+
+
+def detector_pools(
+    ref: np.ndarray,
+    brain: np.ndarray,
+    frst_map: np.ndarray,
+    mimics_vox: np.ndarray,
+    seed: int,
+) -> DetectorPools:
+    """Build the sampling pools of one subject (module docstring); deterministic for ``seed``."""
+    rng = np.random.default_rng(seed)
+    ref = np.asarray(ref) > 0
+    brain = np.asarray(brain) > 0
+    shape = np.asarray(brain.shape)
+    lesion = _subset(np.argwhere(ref), rng)
+    mimics = np.rint(np.asarray(mimics_vox, dtype=float).reshape(-1, 3)).astype(int)
+    if mimics.size:
+        ok = np.all((mimics >= 0) & (mimics < shape), axis=1)
+        mimics = mimics[ok]
+        # A mimic overlapping a reference lesion is not a negative example.
+        mimics = mimics[~ref[mimics[:, 0], mimics[:, 1], mimics[:, 2]]] if mimics.size else mimics
+    fr = np.asarray(frst_map, dtype=np.float32)
+    inside = brain & ~ndi.binary_dilation(ref, iterations=3) if ref.any() else brain
+    vals = fr[inside]
+    if vals.size:
+        cut = float(np.quantile(vals, 0.999))
+        bright = _subset(np.argwhere(inside & (fr >= cut) & (fr > 0)), rng)
+    else:
+        bright = np.zeros((0, 3), dtype=int)
+    edge_mask = brain & ~ndi.binary_erosion(brain, iterations=1)
+    edge = _subset(np.argwhere(edge_mask), rng)
+    # Background: a random subset of brain voxels, drawn on a coarse lattice for memory.
+    coarse = np.argwhere(brain[::3, ::3, ::3]) * 3
+    background = _subset(coarse, rng)
+    if len(mimics) == 0:
+        mimics = bright
+    return DetectorPools(lesion, mimics.astype(int), bright, edge, background)
+
+
+def sample_detector_centres(
+    pools: DetectorPools,
+    n: int,
+    rng: np.random.Generator,
+    mix: dict[str, float] | None = None,
+    shift: int = DETECTOR_SHIFT,
+) -> np.ndarray:
+    """Draw ``n`` patch centres (n, 3) from the pools with the mixing probabilities."""
+    mix = dict(mix or DETECTOR_MIX)
+    names = list(mix)
+    probs = np.array([mix[k] if len(getattr(pools, k)) else 0.0 for k in names], dtype=float)
+    if probs.sum() == 0:
+        return np.zeros((0, 3), dtype=int)
+    probs /= probs.sum()
+    which = rng.choice(len(names), size=n, p=probs)
+    centres = np.empty((n, 3), dtype=int)
+    for i, w in enumerate(which):
+        pool = getattr(pools, names[w])
+        centres[i] = pool[rng.integers(len(pool))]
+    if shift:
+        centres = centres + rng.integers(-shift, shift + 1, size=(n, 3))
+    return centres
+
+
+def augment(
+    image: np.ndarray,
+    labels: Sequence[np.ndarray],
+    brain: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Augment one patch (module docstring). ``image`` (2, s, s, s); ``labels`` (s, s, s) each."""
+    image = np.array(image, dtype=np.float32, copy=True)
+    labels = [np.asarray(lab) for lab in labels]
+    for axis in range(3):
+        if rng.random() < 0.5:
+            image = np.flip(image, axis=axis + 1)
+            labels = [np.flip(lab, axis=axis) for lab in labels]
+            brain = np.flip(brain, axis=axis)
+    inside = np.asarray(brain) > 0
+    gamma = float(np.exp(rng.uniform(np.log(0.7), np.log(1.4))))
+    a = rng.uniform(0.85, 1.15)
+    b = rng.uniform(-0.05, 0.05)
+    s = rng.uniform(0.0, 0.03)
+    lb = image[0]
+    noisy = a * np.power(np.clip(lb, 0, 1), gamma) + b + rng.normal(0.0, s, lb.shape)
+    image[0] = np.where(inside, np.clip(noisy, 0.0, 1.0), 0.0)
+    image[1] = np.clip(image[1] * rng.uniform(0.8, 1.2), 0.0, 1.0)
+    return np.ascontiguousarray(image), [np.ascontiguousarray(lab) for lab in labels]
