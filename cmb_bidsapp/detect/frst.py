@@ -205,10 +205,12 @@ def frst(
     flat = np.flatnonzero(voters)
     if flat.size == 0:
         return out
-    coords = np.unravel_index(flat, shape)
+    coords = {
+        a: c.astype(np.int32) for a, c in zip(range(3), np.unravel_index(flat, shape)) if a in axes
+    }
     weight = mag.ravel()[flat]
     units = [g.ravel()[flat] / weight for g in grads]
-    del grads
+    del grads, mag
 
     vs_used = vs[list(axes)]
     radii = [float(r) for r in radii_mm if np.max(float(r) / vs_used) >= 0.5]
@@ -217,17 +219,20 @@ def frst(
         LOGGER.info("FRST: every radius is under half a voxel; using one voxel (%.2f mm)", radii[0])
 
     n_vox = int(np.prod(shape))
+    strides = [int(np.prod(shape[a + 1 :])) for a in range(3)]  # C order
     total = np.zeros(shape, dtype=np.float32)
     for radius in radii:
-        target = [c.astype(np.int64) for c in coords]
-        for a, u in zip(axes, units):
-            target[a] = target[a] + np.rint(u * (radius / vs[a])).astype(np.int64)
+        tflat = flat.astype(np.int64)
         valid = np.ones(flat.size, dtype=bool)
-        for a in axes:
-            valid &= (target[a] >= 0) & (target[a] < shape[a])
-        tflat = np.ravel_multi_index(tuple(t[valid] for t in target), shape)
+        for a, u in zip(axes, units):
+            off = np.rint(u * np.float32(radius / vs[a])).astype(np.int32)
+            moved = coords[a] + off
+            valid &= (moved >= 0) & (moved < shape[a])
+            tflat += off.astype(np.int64) * strides[a]
+        tflat = tflat[valid]
         orient = np.bincount(tflat, minlength=n_vox).astype(np.float32)
         magp = np.bincount(tflat, weights=weight[valid], minlength=n_vox).astype(np.float32)
+        del tflat
         k = np.float32(_saturation_count(radius, vs_used, kappa))
         resp = (magp / k) * (np.minimum(orient, k) / k) ** np.float32(alpha)
         sigma = [0.0, 0.0, 0.0]
