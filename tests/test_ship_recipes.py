@@ -182,3 +182,13 @@ def test_circleci_order_check_can_fail():
     flow = _workflow(config)
     flow["deploy"]["requires"] = ["build"]
     assert _ancestors(flow, "deploy") != JOBS - {"deploy"}
+
+
+def test_circleci_rerun_repeats_the_participant_command_exactly():
+    """Resume means the same command: other options (e.g. threads) may change the outputs."""
+    config = _config()
+    pattern = r"cmb-bidsapp:ci (/data /out participant[^\n]*)"
+    first = re.findall(pattern, _commands(config, "participant-group"))
+    again = re.findall(pattern, _commands(config, "rerun-resume"))
+    assert len(first) == 1 and again == first
+    assert "-w /work" in first[0]
