@@ -39,15 +39,17 @@ ENV PIP_NO_CACHE_DIR=1 \
     NO_ET=1 \
     TEMPLATEFLOW_HOME=/opt/templateflow \
     PATH="/opt/venv/bin:${PATH}"
+# (/opt/venv/bin/python by its path: the shell would reuse the python it found before the venv)
 RUN python -m venv /opt/venv \
-    && python -m pip install --retries=3 "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX}"
+    && /opt/venv/bin/python -m pip install --retries=3 \
+        "torch==${TORCH_VERSION}" --extra-index-url "${TORCH_INDEX}"
 COPY --from=wheel /wheels /wheels
 # The [test] extra lets CI run the test suite inside the image.
-RUN python -m pip install --retries=3 "$(ls /wheels/cmb_bidsapp-*.whl)[test]" \
-    && python -m pip check
+RUN /opt/venv/bin/python -m pip install --retries=3 "$(ls /wheels/cmb_bidsapp-*.whl)[test]" \
+    && /opt/venv/bin/python -m pip check
 # MNI152NLin2009cAsym: brain-extracted T1w, brain mask and GM/WM/CSF priors at 1 and 2 mm
 # (what cmb_bidsapp/anatomy/templates.py reads). Every file must be real (not a 0-byte stub).
-RUN python -c "\
+RUN /opt/venv/bin/python -c "\
 from pathlib import Path; \
 from templateflow import api; \
 kinds = [dict(desc='brain', suffix='T1w'), dict(desc='brain', suffix='mask')] \
@@ -113,7 +115,7 @@ USER 1000:1000
 WORKDIR /home/cmb
 # Smoke test of the installed app and warm-up of the Python caches (offline).
 RUN cmb-bidsapp --version \
-    && python -c "import cmb_bidsapp.cli.parser, nipype, bids, nibabel, torch, SimpleITK"
+    && /opt/venv/bin/python -c "import cmb_bidsapp.cli.parser, nipype, bids, nibabel, torch, SimpleITK"
 
 ENTRYPOINT ["cmb-bidsapp"]
 CMD ["--help"]

@@ -363,3 +363,16 @@ def test_dockerignore_keeps_the_package_and_drops_the_rest():
     assert {".git", ".venv", "docs/_build"} <= ignored
     for needed in ("cmb_bidsapp", "pyproject.toml", "README.md", "cmb_bidsapp/data"):
         assert needed not in ignored
+
+
+def test_pip_installs_target_the_virtual_environment():
+    """Every pip call names /opt/venv/bin/python: after `python -m venv` in the same RUN, dash
+    would reuse the system python it had already found on PATH, installing outside the venv."""
+    ins = parse_dockerfile(DOCKERFILE.read_text())
+    for run in ins.of("RUN"):
+        for part in re.split(r"&&|;", run):
+            if re.search(r"\bpip3?\s+install\b", part):
+                assert part.strip().startswith("/opt/venv/bin/python -m pip install"), part
+    runtime = DOCKERFILE.read_text().split(" AS runtime", 1)[1]
+    assert "COPY --from=venv /opt/venv /opt/venv" in runtime
+    assert 'PATH="/opt/venv/bin:${PATH}"' in runtime
