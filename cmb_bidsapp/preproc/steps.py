@@ -91,6 +91,7 @@ def read_input(
     MEGRE: magnitudes combined by `preproc.echoes.combine_echoes`. QSM: converted to ppm.
     Phase (MEGRE part-phase, or an SWI phase image): scaled to radians and high-pass filtered.
     """
+    from ..detect.frst import thick_slice_axis
     from .echoes import combine_echoes, highpass_phase, phase_to_radians
 
     imgs = _load_all(files)
@@ -133,7 +134,8 @@ def read_input(
             idx = 0
             mag_for_phase = image
         radians = phase_to_radians(np.asarray(phase_imgs[idx].dataobj, dtype=np.float32))
-        phase = highpass_phase(mag_for_phase, radians, voxel_sizes(ref))
+        vs_ref = voxel_sizes(ref)
+        phase = highpass_phase(mag_for_phase, radians, vs_ref, slice_axis=thick_slice_axis(vs_ref))
 
     vs = voxel_sizes(ref)
     info = {
@@ -161,7 +163,7 @@ def brain_mask(
     `auto`: deepbet when the image has a skull, otherwise the image's non-zero support.
     QSM maps are brain-masked by their reconstruction: their support is used unless `force`.
     """
-    from .brain import extract_brain, has_skull, mask_from_nonzero
+    from .brain import extract_brain_with_info, has_skull, mask_from_nonzero
 
     report: dict[str, Any] = {"mode": mode, "warnings": []}
     if mode == "skip":
@@ -178,15 +180,14 @@ def brain_mask(
         )
         report["skull_detected"] = skull
         if skull:
-            mask = extract_brain(data, affine, threads=threads)
-            report["method"] = getattr(mask, "method", None) or "deepbet"
+            mask, info = extract_brain_with_info(data, affine, threads=threads)
+            report.update({k: v for k, v in info.items() if k not in report})
+            report["method"] = info.get("method", "deepbet")
         else:
             mask = mask_from_nonzero(data)
             report["method"] = "non-zero support (already brain-extracted)"
     mask = np.asarray(mask) > 0
-    volume_cm3 = float(
-        mask.sum() * np.prod(voxel_sizes(nib.Nifti1Image(np.zeros((1, 1, 1)), affine))) / 1000.0
-    )
+    volume_cm3 = float(mask.sum() * abs(np.linalg.det(np.asarray(affine)[:3, :3])) / 1000.0)
     report["volume_cm3"] = round(volume_cm3, 1)
     if volume_cm3 < MIN_BRAIN_CM3:
         raise InputError(
