@@ -134,7 +134,8 @@ class WriteDerivatives(SimpleInterface):
                 meta={
                     "Description": provenance.get(
                         "preproc_description", "Bias-corrected input image."
-                    )
+                    ),
+                    "SkullStripped": False,
                 },
             )
         )
