@@ -93,6 +93,7 @@ RUN useradd --create-home --uid 1000 --user-group --shell /bin/bash cmb \
 
 # Threads: one per process by default; the app sets threads per node from --omp-nthreads.
 # No telemetry, no TemplateFlow updates: the app runs with --network none.
+# CMB_BIDSAPP_CONTAINER goes into GeneratedBy.Container of dataset_description.json.
 ENV PATH="/opt/venv/bin:${PATH}" \
     HOME=/home/cmb \
     LANG=C.UTF-8 \
@@ -109,7 +110,7 @@ ENV PATH="/opt/venv/bin:${PATH}" \
     TEMPLATEFLOW_HOME=/opt/templateflow \
     TEMPLATEFLOW_AUTOUPDATE=0 \
     MPLCONFIGDIR=/tmp/matplotlib \
-    CMB_BIDSAPP_CONTAINER=docker
+    CMB_BIDSAPP_CONTAINER="docker:cmbbidsapp/cmb-bidsapp:${VERSION}"
 
 USER 1000:1000
 WORKDIR /home/cmb
