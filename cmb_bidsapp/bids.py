@@ -729,6 +729,22 @@ class DerivativesWriter:
     def write_json(self, path: Path, obj: Any) -> Path:
         return self._write_json(Path(path), obj)
 
+    # -- report files (figures, QC JSON, HTML) -------------------------------------------
+    def figure_path(self, image: InputImage, desc: str, extension: str = ".png") -> Path:
+        """`OUTPUT_DIR/sub-XX/figures/<source>_desc-<desc>_<suffix><extension>` (report files)."""
+        ents = dict(image.entities)
+        ents["desc"] = desc
+        name = build_name(ents, image.output_suffix, extension)
+        return self.output_dir / f"sub-{image.subject}" / "figures" / name
+
+    def write_bytes(self, path: Path, data: bytes) -> Path:
+        """Write any file under OUTPUT_DIR atomically (staged when inside a transaction)."""
+        return self._write_bytes(Path(path), data)
+
+    def write_text(self, path: Path, text: str) -> Path:
+        """Write a UTF-8 text file under OUTPUT_DIR atomically."""
+        return self._write_bytes(Path(path), text.encode("utf-8"))
+
 
 def _read_json(path: Path) -> Any:
     try:
