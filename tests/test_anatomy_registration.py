@@ -225,3 +225,34 @@ def test_deformable_stage(subject):
     err = np.linalg.norm(native - (lm @ A_TRUE.T + B_TRUE), axis=1)
     assert err.mean() < 1.0 and err.max() < 2.0
     np.testing.assert_allclose(res.native_to_mni(native), lm, atol=0.5)
+
+
+def test_lesions_placed_in_mni_get_their_region_in_native_space(result, subject):
+    """Spheres of 2.5 mm radius at MNI points deep inside regions, drawn in the oblique native
+    grid through the true transform, are assigned through the registration."""
+    from cmb_bidsapp.anatomy.assign import region_table
+
+    img, _ = subject
+    points = {
+        1: ((12.0, -18.0, 8.0), "thalamus", "right"),
+        2: ((-25.0, 2.0, 2.0), "basal_ganglia", "left"),
+        3: ((20.0, -60.0, -40.0), "cerebellum", "right"),
+        4: ((0.0, -30.0, -35.0), "brainstem", "midline"),
+        5: ((-40.0, 30.0, 20.0), "frontal", "left"),
+    }
+    ijk = np.indices(img.shape).reshape(3, -1).T
+    world = nib.affines.apply_affine(img.affine, ijk)
+    labels = np.zeros(img.shape, np.int32)
+    for lid, (mni, _, _) in points.items():
+        centre = A_TRUE @ np.array(mni) + B_TRUE
+        near = np.linalg.norm(world - centre, axis=1) <= 2.5
+        labels.reshape(-1)[near] = lid
+    regions = reg.mars_in_native(result, img)
+    table = region_table(
+        labels, img.affine, regions, to_mni=result.native_to_mni, midline_mm=2.0
+    ).set_index("lesion_id")
+    for lid, (mni, region, side) in points.items():
+        assert table.loc[lid, "region"] == region, (lid, table.loc[lid].to_dict())
+        assert table.loc[lid, "hemisphere"] == side
+        got = table.loc[lid, ["mni_x", "mni_y", "mni_z"]].to_numpy(float)
+        assert np.linalg.norm(got - mni) < 2.0
