@@ -200,6 +200,93 @@ def _to_working_inputs(
     return grid, volume, brain_w
 
 
+def candidates_from_probability(
+    p_w: np.ndarray,
+    grid: WorkingGrid,
+    brain: np.ndarray,
+    affine: np.ndarray,
+    t_det: float,
+    inference: dict[str, Any] | None = None,
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
+    """Step 3 (module docstring): detector probability to candidates in the source grid.
+
+    Returns ``(p_src, candidate_labels, n, centres_src (n, 3) voxel, centres_world (n, 3) mm,
+    centres_working (n, 3) int)``.
+    """
+    inf = inference or {}
+    p_src = to_source(p_w, grid.affine, brain.shape, affine)
+    p_src[~(np.asarray(brain) > 0)] = 0.0
+    cand, n = label_candidates(
+        p_src,
+        t_det,
+        tuple(voxel_sizes_of(affine)),
+        min_volume_mm3=float(inf.get("min_candidate_mm3", MIN_CANDIDATE_MM3)),
+        max_volume_mm3=float(inf.get("max_candidate_mm3", MAX_CANDIDATE_MM3)),
+    )
+    centres_src = component_centres(p_src, cand, n)
+    if n:
+        world = centres_src @ affine[:3, :3].T + affine[:3, 3]
+        centres_w = np.rint(grid.world_to_voxel(world)).astype(int)
+    else:
+        world, centres_w = np.zeros((0, 3)), np.zeros((0, 3), dtype=int)
+    return p_src, cand, n, centres_src, world, centres_w
+
+
+def working_inputs(
+    lesion_bright: np.ndarray, frst_map: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray
+) -> tuple[WorkingGrid, np.ndarray, np.ndarray]:
+    """Step 1: ``(grid, volume (2, D, H, W) float32, brain (D, H, W) uint8)`` on the working grid."""
+    return _to_working_inputs(
+        np.asarray(lesion_bright, dtype=np.float32),
+        np.asarray(frst_map, dtype=np.float32),
+        np.asarray(brain_mask) > 0,
+        np.asarray(affine, dtype=float),
+    )
+
+
+def assemble(
+    p_src: np.ndarray,
+    cand: np.ndarray,
+    scores: np.ndarray,
+    threshold: float,
+    centres_src: np.ndarray,
+    world: np.ndarray,
+    affine: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
+    """Step 5: ``(probseg, labels, kept_scores, rejected)`` from candidates and student scores."""
+    n = len(scores)
+    ids = np.arange(1, n + 1)
+    lut_s = np.zeros(n + 1, dtype=np.float32)
+    lut_s[1:] = scores
+    pmax = np.ones(n + 1, dtype=np.float32)
+    if n:
+        pmax[1:] = np.maximum(np.asarray(ndi.maximum(p_src, cand, ids), dtype=np.float32), 1e-6)
+    probseg = np.where(cand > 0, lut_s[cand] * p_src / pmax[cand], 0.0).astype(np.float32)
+    probseg = np.clip(probseg, 0.0, 1.0)
+    keep = np.asarray(scores) >= threshold
+    lut_new = np.zeros(n + 1, dtype=np.int32)
+    lut_new[ids[keep]] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    labels = lut_new[cand]
+    volumes = np.bincount(cand.ravel(), minlength=n + 1)[1:] * float(
+        np.prod(voxel_sizes_of(affine))
+    )
+    rejected = [
+        {
+            "candidate_id": int(ids[i]),
+            "x": round(float(world[i, 0]), 2),
+            "y": round(float(world[i, 1]), 2),
+            "z": round(float(world[i, 2]), 2),
+            "i": int(round(centres_src[i, 0])),
+            "j": int(round(centres_src[i, 1])),
+            "k": int(round(centres_src[i, 2])),
+            "volume_mm3": round(float(volumes[i]), 3),
+            "score": round(float(scores[i]), 4),
+        }
+        for i in np.flatnonzero(~keep)
+    ]
+    return probseg, labels.astype(np.int32), np.asarray(scores)[keep].astype(np.float32), rejected
+
+
 def detect(
     lesion_bright: np.ndarray,
     frst_map: np.ndarray,
@@ -268,19 +355,9 @@ def detect(
     times["detector"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    p_src = to_source(p_w, grid.affine, brain.shape, affine)
-    p_src[~brain] = 0.0
-    vs = voxel_sizes_of(affine)
-    cand, n = label_candidates(
-        p_src,
-        t_det,
-        tuple(vs),
-        min_volume_mm3=float(inf.get("min_candidate_mm3", MIN_CANDIDATE_MM3)),
-        max_volume_mm3=float(inf.get("max_candidate_mm3", MAX_CANDIDATE_MM3)),
+    p_src, cand, n, centres_src, world, centres_w = candidates_from_probability(
+        p_w, grid, brain, affine, t_det, inf
     )
-    centres_src = component_centres(p_src, cand, n)
-    world = centres_src @ affine[:3, :3].T + affine[:3, 3] if n else np.zeros((0, 3))
-    centres_w = np.rint(grid.world_to_voxel(world)).astype(int) if n else np.zeros((0, 3), int)
     times["candidates"] = time.perf_counter() - t2
 
     t3 = time.perf_counter()
@@ -289,38 +366,14 @@ def detect(
     )
     times["student"] = time.perf_counter() - t3
 
-    ids = np.arange(1, n + 1)
-    lut_s = np.zeros(n + 1, dtype=np.float32)
-    lut_s[1:] = scores
-    pmax = np.ones(n + 1, dtype=np.float32)
-    if n:
-        pmax[1:] = np.maximum(np.asarray(ndi.maximum(p_src, cand, ids), dtype=np.float32), 1e-6)
-    probseg = np.where(cand > 0, lut_s[cand] * p_src / pmax[cand], 0.0).astype(np.float32)
-    probseg = np.clip(probseg, 0.0, 1.0)
-    keep = scores >= threshold
-    lut_new = np.zeros(n + 1, dtype=np.int32)
-    lut_new[ids[keep]] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    labels = lut_new[cand]
-    volumes = np.bincount(cand.ravel(), minlength=n + 1)[1:] * float(np.prod(vs))
-    rejected = [
-        {
-            "candidate_id": int(ids[i]),
-            "x": round(float(world[i, 0]), 2),
-            "y": round(float(world[i, 1]), 2),
-            "z": round(float(world[i, 2]), 2),
-            "i": int(round(centres_src[i, 0])),
-            "j": int(round(centres_src[i, 1])),
-            "k": int(round(centres_src[i, 2])),
-            "volume_mm3": round(float(volumes[i]), 3),
-            "score": round(float(scores[i]), 4),
-        }
-        for i in np.flatnonzero(~keep)
-    ]
+    probseg, labels, kept, rejected = assemble(
+        p_src, cand, scores, threshold, centres_src, world, affine
+    )
     times["total"] = time.perf_counter() - t0
     return DetectionResult(
         probseg=probseg,
-        labels=labels.astype(np.int32),
-        scores=scores[keep].astype(np.float32),
+        labels=labels,
+        scores=kept,
         candidate_labels=cand.astype(np.int32),
         candidate_scores=scores.astype(np.float32),
         rejected=rejected,
