@@ -36,6 +36,12 @@ LESION_COLUMNS: dict[str, dict[str, Any]] = {
         "Levels": {name: name.replace("_", " ") for name in MARS_REGIONS.values()}
         | {UNKNOWN_REGION: "outside every MARS region"},
     },
+    "x_mni": {
+        "Description": "Centre of mass in MNI152NLin2009cAsym space, x (n/a when registration failed).",
+        "Units": "mm",
+    },
+    "y_mni": {"Description": "Centre of mass in MNI152NLin2009cAsym space, y.", "Units": "mm"},
+    "z_mni": {"Description": "Centre of mass in MNI152NLin2009cAsym space, z.", "Units": "mm"},
     "hemisphere": {
         "Description": "Side of the lesion's centre in template space.",
         "Levels": {

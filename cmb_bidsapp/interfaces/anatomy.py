@@ -27,7 +27,12 @@ class _RegIn(BaseInterfaceInputSpec):
 
 class _RegOut(TraitedSpec):
     out_regions = File(exists=True, desc="MARS region labels (1..13) in the source grid")
-    out_transform = File(exists=True, desc="native→template transform (SimpleITK)")
+    out_transform = File(
+        exists=True, desc="maps native scanner points to template points (SimpleITK)"
+    )
+    out_inverse = File(
+        exists=True, desc="maps template points to native scanner points (SimpleITK)"
+    )
     out_report = File(exists=True, desc="JSON: quality figures, flag and reason")
 
 
@@ -52,7 +57,9 @@ class RegisterTemplate(SimpleInterface):
             np.asarray(regions), moving.affine, "mars_native.nii.gz", dtype=np.int16
         )
         tfm = os.path.abspath("native_to_template.tfm")
-        result.save(tfm)
+        inv = os.path.abspath("template_to_native.tfm")
+        result.save(tfm, inv)
         self._results["out_transform"] = tfm
+        self._results["out_inverse"] = inv
         self._results["out_report"] = write_json(result.report(), "registration.json")
         return runtime

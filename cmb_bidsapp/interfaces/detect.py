@@ -129,8 +129,10 @@ class LabelLesions(SimpleInterface):
 class _TableIn(BaseInterfaceInputSpec):
     in_labels = File(exists=True, mandatory=True)
     in_probseg = File(exists=True, mandatory=True)
-    in_regions = File(desc="MARS region map in the source grid (labels 1..13)")
-    in_mni_affine = File(desc="JSON with the native→MNI mapping used for the hemisphere")
+    in_regions = File(exists=True, desc="MARS region map in the source grid (labels 1..13)")
+    in_transform = File(exists=True, desc="native→template point transform (SimpleITK)")
+    in_inverse = File(exists=True, desc="template→native point transform (SimpleITK)")
+    in_registration = File(exists=True, desc="registration report JSON (Flag, Reason)")
 
 
 class _TableOut(TraitedSpec):
@@ -138,25 +140,57 @@ class _TableOut(TraitedSpec):
 
 
 class LesionTable(SimpleInterface):
-    """One row per lesion: position, size, probability, MARS region and class, hemisphere."""
+    """One row per lesion: position (native and MNI), size, probability, MARS region, hemisphere.
+
+    When the registration was flagged as failed, regions, classes and MNI positions are not
+    trusted: they are written as `unknown`/`n/a` (the report says why).
+    """
 
     input_spec = _TableIn
     output_spec = _TableOut
 
     def _run_interface(self, runtime):
+        import json
         import os
 
         from ..detect.lesions import lesion_table
 
         labels, affine = load(self.inputs.in_labels)
+        labels = np.asarray(labels)
         prob, _ = load(self.inputs.in_probseg)
-        regions = None
-        if isdefined(self.inputs.in_regions):
+        flagged = False
+        if isdefined(self.inputs.in_registration):
+            flagged = bool(json.loads(open(self.inputs.in_registration).read()).get("Flag"))
+        assign = to_mni = None
+        if (
+            not flagged
+            and isdefined(self.inputs.in_regions)
+            and isdefined(self.inputs.in_transform)
+        ):
+            from ..anatomy.assign import assign_regions
+            from ..anatomy.registration import RegistrationResult, load_transform, native_to_mni
+
             regions, _ = load(self.inputs.in_regions)
             regions = np.asarray(regions)
+            result = RegistrationResult(
+                template_to_native=load_transform(self.inputs.in_inverse),
+                native_to_template=load_transform(self.inputs.in_transform),
+            )
+
+            def assign(lab, aff):
+                return assign_regions(lab, aff, regions)
+
+            def to_mni(points):
+                return native_to_mni(np.asarray(points, dtype=float), result)
+
         table = lesion_table(
-            np.asarray(labels), affine, np.asarray(prob, dtype=np.float32), region_map=regions
+            labels, affine, np.asarray(prob, dtype=np.float32), to_mni=to_mni, assign=assign
         )
+        if to_mni is not None and len(table):
+            mni = to_mni(table[["x", "y", "z"]].to_numpy())
+            table["x_mni"], table["y_mni"], table["z_mni"] = mni[:, 0], mni[:, 1], mni[:, 2]
+        else:
+            table["x_mni"] = table["y_mni"] = table["z_mni"] = np.nan
         path = os.path.abspath("lesions.tsv")
         table.to_csv(path, sep="\t", index=False, na_rep="n/a")
         self._results["out_table"] = path

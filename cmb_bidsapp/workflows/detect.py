@@ -70,7 +70,12 @@ def init_detect_wf(image: InputImage, config: Config) -> pe.Workflow:
         (inputnode, reg, [("preproc", "in_file"), ("brain_mask", "in_mask")]),
         (label, table, [("out_labels", "in_labels")]),
         (cand, table, [("out_probseg", "in_probseg")]),
-        (reg, table, [("out_regions", "in_regions")]),
+        (reg, table, [
+            ("out_regions", "in_regions"),
+            ("out_transform", "in_transform"),
+            ("out_inverse", "in_inverse"),
+            ("out_report", "in_registration"),
+        ]),
         (norm, outputnode, [("out_file", "norm")]),
         (frst, outputnode, [("out_file", "frst")]),
         (cand, outputnode, [("out_probseg", "probseg")]),
