@@ -78,7 +78,45 @@ def init_single_image_wf(image: InputImage, config: Config) -> pe.Workflow:
         ]),
     ])
     # fmt: on
+    _add_report_node(wf, image, config, preproc_wf, detect_wf, sink, threshold)
     return wf
+
+
+def _add_report_node(wf, image, config, preproc_wf, detect_wf, sink, threshold) -> None:
+    """QC figures and record of the image, after the sink (see interfaces/reports.py)."""
+    from ..interfaces.derivatives import image_to_json
+    from ..interfaces.reports import ReportFigures
+
+    report = pe.Node(
+        ReportFigures(
+            image_json=image_to_json(image),
+            output_dir=str(config.output_dir),
+            bids_dir=str(config.bids_dir),
+            threshold=threshold,
+        ),
+        name="report_figures",
+        overwrite=True,
+        mem_gb=1.0,
+    )
+    # fmt: off
+    wf.connect([
+        (sink, report, [("out_files", "out_files")]),
+        (preproc_wf, report, [
+            ("outputnode.preproc", "preproc"),
+            ("outputnode.brain_mask", "brain_mask"),
+            ("outputnode.brain_report", "brain_report"),
+            ("outputnode.bias", "bias"),
+            ("outputnode.info", "input_info"),
+        ]),
+        (detect_wf, report, [
+            ("outputnode.labels", "labels"),
+            ("outputnode.regions", "regions"),
+            ("outputnode.registration", "registration"),
+        ]),
+    ])
+    # fmt: on
+    if detect_wf.get_node("register_template") is not None:
+        wf.connect(detect_wf, "register_template.out_transform", report, "transform")
 
 
 def _intro(inputs: list[InputImage]) -> str:
