@@ -50,9 +50,10 @@ def test_regions_majority_and_ties_and_hemisphere():
     labels[2:6, 2:4, 2:4] = 1  # 16 voxels: 12 in frontal (9), 4 in thalamus (4)
     regions[2:5, 2:4, 2:4] = 9
     regions[5, 2:4, 2:4] = 4
-    labels[10:12, 10, 10] = 2  # a 1:1 tie: centre voxel rint(10.5) = 10 → brainstem (1)
-    regions[10, 10, 10] = 1
-    regions[11, 10, 10] = 2
+    labels[10, 10, 10] = 5  # centre x = 0 exactly: midline
+    labels[12:14, 10, 10] = 2  # a 1:1 tie: centre voxel rint(12.5) = 12 → brainstem (1)
+    regions[12, 10, 10] = 1
+    regions[13, 10, 10] = 2
     labels[15:17, 15:17, 15] = 3  # a 2:2 tie, centre (15.5, 15.5) → (16, 16) unlabelled → lowest
     regions[15, 15:17, 15] = 11
     regions[16, 15:17, 15] = 3
@@ -66,8 +67,8 @@ def test_regions_majority_and_ties_and_hemisphere():
     assert t.loc[2, "region"] == "brainstem" and t.loc[2, "mars_class"] == "infratentorial"
     assert t.loc[3, "region"] == "basal_ganglia" and t.loc[3, "mars_class"] == "deep"
     assert t.loc[4, "region"] == "unknown" and t.loc[4, "mars_class"] == "unknown"
-    # x = i - 10: lesion 1 at x ≈ -6.5 (left), lesion 2 at 0.5 (midline), lesion 3 at 5.5 (right)
-    assert list(t["hemisphere"]) == ["left", "midline", "right", "right"]
+    # x = i - 10: lesion 1 at x = -6.5 (left), 2 at 2.5, 3 at 5.5 and 4 at 8 (right), 5 at 0
+    assert list(t["hemisphere"]) == ["left", "right", "right", "right", "midline"]
 
 
 def test_empty_table_and_tsv():

@@ -22,7 +22,8 @@ Deterministic, never random. The anatomy module's ``assign_regions`` can be pass
 (``assign=``) for its richer rule (nearest region within a distance).
 
 Hemisphere: from the MNI x coordinate of the centre of mass, given a ``to_mni`` function
-(scanner mm → MNI mm): x < -1 mm left, x > +1 mm right, otherwise midline.
+(scanner mm → MNI mm): x < 0 left, x > 0 right, exactly 0 midline (the rule of
+``cmb_bidsapp.anatomy.assign.hemisphere``; ``MIDLINE_MM`` widens the midline band).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ COLUMNS: tuple[str, ...] = (
     "hemisphere",
 )
 
-MIDLINE_MM = 1.0
-"""Half-width (mm) of the MNI x band called ``midline``."""
+MIDLINE_MM = 0.0
+"""Half-width (mm) of the MNI x band called ``midline`` (0: only x = 0 exactly)."""
 
 
 def _empty_table() -> pd.DataFrame:
