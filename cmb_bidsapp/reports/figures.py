@@ -31,6 +31,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from PIL import Image
 
 matplotlib.rcParams["svg.fonttype"] = "none"
@@ -81,6 +82,8 @@ class Volume:
     native_affine: np.ndarray
     """Affine of the array before reorientation."""
     ornt: np.ndarray
+    crop: tuple[slice, ...] = (slice(None), slice(None), slice(None))
+    """Box of the reoriented array kept in `data` (see `cropped`)."""
 
     @property
     def vox(self) -> np.ndarray:
@@ -95,7 +98,26 @@ class Volume:
         other = np.asanyarray(other)
         if other.ndim > 3:
             other = other.reshape(other.shape[:3])
-        return nib.orientations.apply_orientation(other, self.ornt)
+        return nib.orientations.apply_orientation(other, self.ornt)[self.crop]
+
+    def cropped(self, mask: np.ndarray, margin_mm: float = 6.0) -> Volume:
+        """The same volume cut to the box of a native-grid `mask` plus `margin_mm` (no copy)."""
+        m = self.like(mask) > 0
+        if not m.any():
+            return self
+        box = []
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            present = np.flatnonzero(m.any(axis=other))
+            pad = int(np.ceil(margin_mm / self.vox[axis]))
+            box.append((max(present[0] - pad, 0), min(present[-1] + pad + 1, m.shape[axis])))
+        start = np.array([b[0] for b in box], dtype=float)
+        shift = np.eye(4)
+        shift[:3, 3] = start
+        base = [s.start or 0 for s in self.crop]
+        crop = tuple(slice(base[a] + b[0], base[a] + b[1]) for a, b in enumerate(box))
+        data = self.data[tuple(slice(b0, b1) for b0, b1 in box)]
+        return Volume(data, self.affine @ shift, self.native_affine, self.ornt, crop)
 
     def index_of_mm(self, xyz: np.ndarray) -> np.ndarray:
         """(n, 3) scanner mm → (n, 3) fractional voxel indices of the reoriented array."""
@@ -150,14 +172,10 @@ def brain_slices(mask: np.ndarray, n: int = MOSAIC_SLICES) -> list[list[int]]:
 
 
 def _plane(vol: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """A slice as displayed: rows top to bottom, columns left to right (see module docstring)."""
-    plane = np.take(vol, index, axis=axis)
-    return plane.T[::-1]
-
-
-def _plane_extent(vox: np.ndarray, shape: tuple[int, int, int], axis: int) -> tuple[float, ...]:
-    cols, rows = [a for a in range(3) if a != axis]
-    return (0.0, shape[cols] * vox[cols], 0.0, shape[rows] * vox[rows])
+    """A slice as displayed (a view): rows top to bottom, columns left to right."""
+    sl: list = [slice(None)] * 3
+    sl[axis] = index
+    return vol[tuple(sl)].T[::-1]
 
 
 # ----------------------------------------------------------------------------------------
@@ -298,6 +316,50 @@ def lesion_crop_png(
 # ----------------------------------------------------------------------------------------
 
 _VIEW_NAMES = {2: "axial", 1: "coronal", 0: "sagittal"}
+_MOSAIC_GAP_MM = 4.0
+_MOSAIC_WIDTH_IN = 12.0
+
+
+@dataclass
+class _Row:
+    """One row of a mosaic: several slices of one view side by side, NaN gaps between them."""
+
+    axis: int
+    indices: list[int]
+    gap: int
+    vox: np.ndarray
+    plane_shape: tuple[int, int]
+
+    def stack(self, vol: np.ndarray) -> np.ndarray:
+        """The row's slices of `vol` (same grid as the background), as one float32 image."""
+        parts = []
+        for n, index in enumerate(self.indices):
+            if n:
+                parts.append(np.full((self.plane_shape[0], self.gap), np.nan, np.float32))
+            parts.append(np.asarray(_plane(vol, self.axis, index), dtype=np.float32))
+        return np.hstack(parts)
+
+    @property
+    def extent(self) -> tuple[float, float, float, float]:
+        cols, rows = [a for a in range(3) if a != self.axis]
+        n = len(self.indices)
+        width = (n * self.plane_shape[1] + (n - 1) * self.gap) * self.vox[cols]
+        return (0.0, float(width), 0.0, float(self.plane_shape[0] * self.vox[rows]))
+
+    def offset_mm(self, n: int) -> float:
+        """Left edge (mm) of the row's `n`-th slice."""
+        cols = [a for a in range(3) if a != self.axis][0]
+        return n * (self.plane_shape[1] + self.gap) * float(self.vox[cols])
+
+
+def _rows(vol: Volume, slices: list[list[int]]) -> list[_Row]:
+    out = []
+    for axis in (2, 1, 0):
+        cols, rows = [a for a in range(3) if a != axis]
+        gap = max(1, int(round(_MOSAIC_GAP_MM / vol.vox[cols])))
+        shape = (vol.shape[rows], vol.shape[cols])
+        out.append(_Row(axis, slices[axis], gap, vol.vox, shape))
+    return out
 
 
 def _mosaic(
@@ -307,91 +369,92 @@ def _mosaic(
     draw,
     *,
     title: str,
-    colorbar=None,
+    colorbar: str | None = None,
     legend: list[tuple[str, str]] | None = None,
 ) -> bytes:
-    """Three rows (axial, coronal, sagittal) of slices with `draw(ax, axis, index, extent)`."""
-    ncols = max(len(s) for s in slices)
-    fig = Figure(figsize=(1.55 * ncols + (0.9 if colorbar else 0), 1.6 * 3 + 0.35), dpi=80)
+    """Three rows (axial, coronal, sagittal) of slices; `draw(ax, row)` adds the overlay.
+
+    One axes per row (the slices of a row are stacked into one image), so a mosaic costs
+    3 axes, not 18. Each row keeps its physical aspect ratio.
+    """
+    rows = _rows(vol, slices)
+    aspects = [(r.extent[3] / max(r.extent[1], 1e-6)) for r in rows]
+    usable = _MOSAIC_WIDTH_IN * (0.9 if colorbar else 0.98)
+    heights = [usable * a for a in aspects]
+    title_in = 0.35
+    fig = Figure(figsize=(_MOSAIC_WIDTH_IN, sum(heights) + title_in + 0.1), dpi=80)
     FigureCanvasAgg(fig)
     fig.patch.set_facecolor("black")
-    grid = fig.add_gridspec(3, ncols, left=0.01, right=0.9 if colorbar else 0.99, top=0.92,
-                            bottom=0.01, wspace=0.03, hspace=0.03)  # fmt: skip
-    fig.suptitle(title, color="white", fontsize=9, x=0.01, ha="left")
+    total = sum(heights) + title_in + 0.1
+    fig.text(0.01, 1 - 0.05 / total, title, color="white", fontsize=10, va="top")
+    cmap = matplotlib.colormaps["gray"].with_extremes(bad="black")
+    top = 1 - title_in / total
     mappable = None
-    for row, axis in enumerate((2, 1, 0)):
-        for col, index in enumerate(slices[axis]):
-            ax = fig.add_subplot(grid[row, col])
-            ax.set_facecolor("black")
-            ax.set_axis_off()
-            extent = _plane_extent(vol.vox, vol.shape, axis)
-            ax.imshow(
-                _plane(vol.data, axis, index),
-                cmap="gray",
-                vmin=window[0],
-                vmax=window[1],
-                extent=extent,
-                interpolation="nearest",
-            )
-            mappable = draw(ax, axis, index, extent) or mappable
-            if col == 0:
-                ax.text(0.02, 0.97, _VIEW_NAMES[axis][0].upper(), color="white", fontsize=7,
-                        transform=ax.transAxes, va="top")  # fmt: skip
+    for row, h in zip(rows, heights, strict=True):
+        bottom = top - h / total
+        ax = fig.add_axes((0.01, bottom, usable / _MOSAIC_WIDTH_IN, h / total))
+        ax.set_axis_off()
+        ax.set_facecolor("black")
+        ax.imshow(row.stack(vol.data), cmap=cmap, vmin=window[0], vmax=window[1],
+                  extent=row.extent, interpolation="nearest", aspect="equal")  # fmt: skip
+        mappable = draw(ax, row) or mappable
+        ax.text(0.002, 0.98, _VIEW_NAMES[row.axis][0].upper(), color="white", fontsize=8,
+                transform=ax.transAxes, va="top")  # fmt: skip
+        top = bottom
     if colorbar and mappable is not None:
-        cax = fig.add_axes((0.92, 0.15, 0.015, 0.65))
+        cax = fig.add_axes((0.93, 0.12, 0.012, 0.7))
         cb = fig.colorbar(mappable, cax=cax)
         cb.set_label(colorbar, color="white", fontsize=8)
         cb.ax.tick_params(colors="white", labelsize=7)
     if legend:
-        handles = [
-            matplotlib.patches.Patch(facecolor=colour, label=name) for name, colour in legend
-        ]
-        fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=7,
+        handles = [Patch(facecolor=colour, label=name) for name, colour in legend]
+        fig.legend(handles=handles, loc="upper right", ncol=len(handles), fontsize=8,
                    frameon=False, labelcolor="white")  # fmt: skip
     buf = io.BytesIO()
     fig.savefig(buf, format="png", facecolor="black")
     return buf.getvalue()
 
 
-def _contour(ax, plane: np.ndarray, extent, colour: str, level: float = 0.5, lw: float = 0.8):
-    if plane.size and plane.min() < level < plane.max():
-        ax.contour(plane[::-1], levels=[level], colors=[colour], linewidths=lw,
+def _contour(ax, image: np.ndarray, extent, colour: str, level: float = 0.5, lw: float = 0.8):
+    finite = image[np.isfinite(image)]
+    if finite.size and finite.min() < level < finite.max():
+        ax.contour(image[::-1], levels=[level], colors=[colour], linewidths=lw,
                    extent=extent, origin="lower")  # fmt: skip
 
 
 def brain_mask_png(vol: Volume, mask: np.ndarray, window: tuple[float, float]) -> bytes:
     """The brain mask's outline (red) over the input, 18 slices."""
-    mask = vol.like(mask).astype(np.float32)
-    slices = brain_slices(mask)
+    mask_r = vol.like(mask)
 
-    def draw(ax, axis, index, extent):
-        _contour(ax, _plane(mask, axis, index), extent, "#ff3030", lw=1.0)
+    def draw(ax, row):
+        _contour(ax, row.stack(mask_r), row.extent, "#ff3030", lw=1.0)
 
-    n = int((mask > 0).sum())
+    n = int(np.count_nonzero(mask_r))
     volume = n * float(np.prod(vol.vox)) / 1000.0
-    return _mosaic(vol, window, slices, draw, title=f"Brain mask (red): {volume:.0f} cm³")
+    return _mosaic(
+        vol, window, brain_slices(mask_r), draw, title=f"Brain mask (red): {volume:.0f} cm³"
+    )
 
 
 def bias_field_png(vol: Volume, bias: np.ndarray, mask: np.ndarray) -> bytes:
     """The estimated multiplicative bias field inside the brain mask, over the dimmed input."""
     mask_r = vol.like(mask) > 0
-    bias_r = vol.like(bias).astype(np.float32)
+    bias_r = vol.like(bias)
     inside = bias_r[mask_r] if mask_r.any() else bias_r.ravel()
     lo, hi = (float(np.min(inside)), float(np.max(inside))) if inside.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1e-3
-    slices = brain_slices(mask_r)
     window = display_window(vol.data, mask_r)
-    shown = np.where(mask_r, bias_r, np.nan)
 
-    def draw(ax, axis, index, extent):
-        return ax.imshow(_plane(shown, axis, index), cmap="magma", vmin=lo, vmax=hi, alpha=0.75,
-                         extent=extent, interpolation="nearest")  # fmt: skip
+    def draw(ax, row):
+        shown = np.where(row.stack(mask_r) > 0, row.stack(bias_r), np.nan)
+        return ax.imshow(shown, cmap="magma", vmin=lo, vmax=hi, alpha=0.75, extent=row.extent,
+                         interpolation="nearest")  # fmt: skip
 
     return _mosaic(
         vol,
         window,
-        slices,
+        brain_slices(mask_r),
         draw,
         title=f"Bias field (N4), range {lo:.2f}-{hi:.2f} (max/min {hi / max(lo, 1e-6):.2f})",
         colorbar="multiplicative bias",
@@ -399,7 +462,7 @@ def bias_field_png(vol: Volume, bias: np.ndarray, mask: np.ndarray) -> bytes:
 
 
 def _template_slab(tx, template, vol: Volume, axis: int, index: int) -> np.ndarray:
-    """One displayed slice of a template image brought into the native grid (linear)."""
+    """One slice of a template image brought into the (RAS) native grid, linear."""
     import SimpleITK as sitk
 
     from ..anatomy.registration import nib_to_sitk
@@ -416,26 +479,36 @@ def _template_slab(tx, template, vol: Volume, axis: int, index: int) -> np.ndarr
 def registration_png(
     vol: Volume, mask: np.ndarray, transform_path: str, window: tuple[float, float], report: dict
 ) -> bytes:
-    """The template's brain outline (orange) and GM/WM boundary (cyan) drawn over the input.
+    """The template's brain outline (orange) and white-matter edge (cyan) over the input.
 
-    The template (MNI152NLin2009cAsym) is brought into the native grid through the saved
-    native → template transform, slice by slice (only the displayed slices are resampled).
+    The template (MNI152NLin2009cAsym T1w) is brought into the native grid through the saved
+    native → template transform, only at the displayed slices. Cyan is the template's
+    intensity contour half-way between its grey- and white-matter levels.
     """
     from ..anatomy import templates
     from ..anatomy.registration import load_transform, nib_to_sitk
 
     tx = load_transform(transform_path)
     name = str(report.get("Template") or templates.DEFAULT_TEMPLATE)
-    tpl_mask = nib_to_sitk(templates.template_mask(name, 1))
-    wm = nib_to_sitk(templates.tissue_priors(name, 1)["WM"])
+    t1 = templates.load_template(name, 1)
+    t1_data = np.asanyarray(t1.dataobj)
+    brain = t1_data[np.asanyarray(templates.template_mask(name, 1).dataobj) > 0]
+    gm, wm = np.percentile(brain, [40, 85]) if brain.size else (0.4, 0.8)
+    template = nib_to_sitk(t1)
+    edge = 0.15 * float(wm)
     mask_r = vol.like(mask) > 0
     slices = brain_slices(mask_r)
+    full = np.zeros(vol.shape, np.float32)
+    for axis in range(3):
+        for index in slices[axis]:
+            sl: list = [slice(None)] * 3
+            sl[axis] = slice(index, index + 1)
+            full[tuple(sl)] = _template_slab(tx, template, vol, axis, index)
 
-    def draw(ax, axis, index, extent):
-        m = _template_slab(tx, tpl_mask, vol, axis, index)
-        w = _template_slab(tx, wm, vol, axis, index)
-        _contour(ax, _plane(m, axis, 0), extent, "#ff9900", lw=1.0)
-        _contour(ax, _plane(w, axis, 0), extent, "#00d0ff", lw=0.7)
+    def draw(ax, row):
+        img = row.stack(full)
+        _contour(ax, img, row.extent, "#ff9900", level=edge, lw=1.0)
+        _contour(ax, img, row.extent, "#00d0ff", level=float(gm + wm) / 2, lw=0.7)
 
     status = "FLAGGED" if report.get("Flag") else "not flagged"
     return _mosaic(
@@ -444,7 +517,7 @@ def registration_png(
         slices,
         draw,
         title=f"Registration to {name} ({report.get('Stage', '?')}, {status}): "
-        "template brain (orange), GM/WM (cyan)",
+        "template brain outline (orange) and white-matter edge (cyan)",
     )
 
 
@@ -464,25 +537,26 @@ def regions_png(
         cls = label_class(label)
         lut[label] = MARS_CLASSES.index(cls) + 1 if cls in MARS_CLASSES else 0
     classes = lut[np.clip(reg, 0, lut.size - 1)]
-    shown = np.where(classes > 0, classes, np.nan)
     cmap = ListedColormap([CLASS_COLOURS[c] for c in MARS_CLASSES])
-    slices = brain_slices(vol.like(mask) > 0)
     centres = np.zeros((0, 3)) if lesion_centres is None else np.atleast_2d(lesion_centres)
 
-    def draw(ax, axis, index, extent):
-        ax.imshow(_plane(shown, axis, index), cmap=cmap, vmin=0.5, vmax=3.5, alpha=0.35,
-                  extent=extent, interpolation="nearest")  # fmt: skip
-        cols, rows = [a for a in range(3) if a != axis]
-        near = np.abs(centres[:, axis] - index) * vol.vox[axis] <= 3.0 if len(centres) else []
-        if np.any(near):
-            pts = centres[near]
-            ax.scatter((pts[:, cols] + 0.5) * vol.vox[cols], (pts[:, rows] + 0.5) * vol.vox[rows],
-                       s=30, facecolors="none", edgecolors="#ffd800", linewidths=1.0)  # fmt: skip
+    def draw(ax, row):
+        img = row.stack(classes)
+        ax.imshow(np.where(img > 0, img, np.nan), cmap=cmap, vmin=0.5, vmax=3.5, alpha=0.35,
+                  extent=row.extent, interpolation="nearest")  # fmt: skip
+        cols, rows_ = [a for a in range(3) if a != row.axis]
+        for n, index in enumerate(row.indices):
+            near = np.abs(centres[:, row.axis] - index) * vol.vox[row.axis] <= 3.0
+            if len(centres) and np.any(near):
+                pts = centres[near]
+                x = row.offset_mm(n) + (pts[:, cols] + 0.5) * vol.vox[cols]
+                y = (pts[:, rows_] + 0.5) * vol.vox[rows_]
+                ax.scatter(x, y, s=40, facecolors="none", edgecolors="#ffd800", linewidths=1.2)
 
     return _mosaic(
         vol,
         window,
-        slices,
+        brain_slices(vol.like(mask) > 0),
         draw,
         title="MARS regions by class; detected lesions within 3 mm of a slice circled (yellow)",
         legend=[(c, CLASS_COLOURS[c]) for c in MARS_CLASSES],
@@ -594,16 +668,17 @@ def make_image_figures(
     window = display_window(vol.data, vol.like(mask))
     warnings: list[str] = []
     overlays: dict[str, bytes] = {}
-    jobs = {"brainmask": lambda: brain_mask_png(vol, mask, window)}
+    box = vol.cropped(mask)
+    jobs = {"brainmask": lambda: brain_mask_png(box, mask, window)}
     if bias is not None:
-        jobs["bias"] = lambda: bias_field_png(vol, bias, mask)
+        jobs["bias"] = lambda: bias_field_png(box, bias, mask)
     if transform_path is not None:
         jobs["registration"] = lambda: registration_png(
-            vol, mask, transform_path, window, registration or {}
+            box, mask, transform_path, window, registration or {}
         )
     centres = _centres(vol, lesions)
     if regions is not None:
-        jobs["regions"] = lambda: regions_png(vol, regions, mask, window, centres)
+        jobs["regions"] = lambda: regions_png(box, regions, mask, window, _centres(box, lesions))
     for name, job in jobs.items():
         try:
             overlays[name] = job()

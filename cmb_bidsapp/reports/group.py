@@ -345,7 +345,8 @@ def _counts_row(
     row["brain_mask_warnings"] = "; ".join(brain.get("warnings") or []) or None
     row["n_warnings"] = len(qc.get("warnings") or []) if qc else None
     anchor = re.sub(r"[^A-Za-z0-9_-]", "_", f"{source}_{qc.get('suffix', '')}") if qc else ""
-    row["report"] = f"{sub}.html" + (f"#{anchor}" if anchor else "")
+    has_page = (output_dir / f"{sub}.html").exists()
+    row["report"] = (f"{sub}.html" + (f"#{anchor}" if anchor else "")) if has_page else None
     return row
 
 
@@ -426,10 +427,13 @@ def count_histogram_svg(totals: np.ndarray) -> str:
         labels.append(str(lo) if lo == hi else (f"≥{lo}" if hi is None else f"{lo}-{hi}"))
         sel = totals >= lo if hi is None else (totals >= lo) & (totals <= hi)
         values.append(int(sel.sum()))
+    from matplotlib.ticker import MaxNLocator
+
     fig = _new_figure(5.2, 2.8)
     ax = fig.add_subplot(111)
     bars = ax.bar(labels, values, color="#4a78b5")
     ax.bar_label(bars, fontsize=8)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("microbleeds per image")
     ax.set_ylabel("images")
     ax.spines[["top", "right"]].set_visible(False)
@@ -496,10 +500,15 @@ def glass_brain_png(lesions: pd.DataFrame) -> str | None:
     classes = lesions.get("mars_class", pd.Series(["unknown"] * len(lesions)))
     classes = classes.astype(str).to_numpy()[good]
     projs, extents = _projections()
+    size, alpha = (28.0, 0.8) if len(pts) < 200 else (7.0, 0.5)
     fig = _new_figure(11, 3.6)
     axes = fig.subplots(1, 3)
     coords = [(1, 2), (0, 2), (0, 1)]
-    titles = ["sagittal (anterior →)", "coronal (left | right)", "axial (left | right, anterior ↑)"]
+    titles = [
+        "sagittal (anterior →)",
+        "coronal (left on the left)",
+        "axial (left on the left, anterior ↑)",
+    ]
     for ax, proj, ext, (c, r), title in zip(axes, projs, extents, coords, titles, strict=True):
         ax.imshow(proj.T.astype(float), origin="lower", extent=ext, cmap="Greys", vmin=0, vmax=6)
         ax.contour(proj.T.astype(float), levels=[0.5], colors=["#777777"], linewidths=0.8,
@@ -507,7 +516,7 @@ def glass_brain_png(lesions: pd.DataFrame) -> str | None:
         for cls in (*MARS_CLASSES, UNKNOWN_REGION):
             sel = classes == cls
             if np.any(sel):
-                ax.scatter(pts[sel, c], pts[sel, r], s=7, alpha=0.55, linewidths=0,
+                ax.scatter(pts[sel, c], pts[sel, r], s=size, alpha=alpha, linewidths=0,
                            color=CLASS_COLOURS.get(cls, "#555555"),
                            label=f"{cls} ({int(sel.sum())})")  # fmt: skip
         ax.set_title(title, fontsize=9)
@@ -551,7 +560,8 @@ def _cell(value: Any) -> tuple[str, str]:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "n/a", ""
     if isinstance(value, float | np.floating):
-        text = f"{value:.0f}" if float(value).is_integer() else f"{value:.3g}"
+        v = float(value)
+        text = f"{v:.0f}" if v.is_integer() or abs(v) >= 100 else f"{v:.3g}"
         return text, repr(float(value))
     if isinstance(value, int | np.integer):
         return str(value), str(int(value))
@@ -575,8 +585,10 @@ def cohort_table_html(counts: pd.DataFrame) -> str:
         cells = []
         for c, _ in _TABLE_COLUMNS:
             text, key = _cell(row.get(c))
-            if c == "participant_id":
-                link = html.escape(str(row.get("report") or f"{text}.html"), quote=True)
+            if c == "participant_id" and not row.get("report"):
+                cells.append(f'<td data-v="{html.escape(key)}">{html.escape(text)}</td>')
+            elif c == "participant_id":
+                link = html.escape(str(row["report"]), quote=True)
                 cells.append(f'<td data-v="{html.escape(key)}"><a href="{link}">{html.escape(text)}</a></td>')  # fmt: skip
             else:
                 title = ""

@@ -566,7 +566,9 @@ def render_subject_html(
             css=_css(),
             version=__version__,
             generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            methods_html=markdown_to_html(citation) if citation else None,
+            methods_html=markdown_to_html(re.sub(r"\A\s*# Methods\s*\n", "", citation))
+            if citation
+            else None,
             runs=runs,
             regenerated=regenerated,
             card=model_card(config) if config is not None else None,
