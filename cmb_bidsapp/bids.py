@@ -76,6 +76,7 @@ BIDSIGNORE_LINES = (
     "group_desc-CMB_*",
     "*.html",
     "figures/",
+    "**/figures",  # the validator does not apply "figures/" to sub-XX/figures itself
     "logs/",
     "eval/",
     "*.tfm",
