@@ -7,7 +7,7 @@
   3 dark lesions at known MNI positions, 5 rejected candidates with their rule, a bias field,
   the MARS map, MNI columns;
 - sub-01 ses-2: failed (a message and no output);
-- sub-02 (MEGRE, LPS-oriented copy): no lesion, no rejected table, registration flagged, QC
+- sub-02 (MEGRE, LPS-oriented copy): no lesion, no rejected table, no registration record, QC
   built from the published derivatives only (as `--reports-only` after the work dir is gone);
 - sub-03: counts and lesion tables only (older outputs, no QC record, no figures);
 - sub-04: in BIDS_DIR, no output at all.
@@ -75,7 +75,8 @@ def _paint(data, affine, centres_mm, radius_mm, value):
 def _write_outputs(writer, image, data, affine, mask, labels, lesions, rejected, threshold):
     writer.write_nifti(image, mask, affine, "mask", desc="brain", dtype=np.uint8,
                        meta={"Type": "Brain", "Method": "deepbet", "SkullDetected": True})  # fmt: skip
-    writer.write_nifti(image, data, affine, image.output_suffix, desc="preproc")
+    writer.write_nifti(image, data, affine, image.output_suffix, desc="preproc",
+                       meta={"SkullStripped": False})  # fmt: skip
     writer.write_nifti(
         image,
         labels > 0,
@@ -201,10 +202,8 @@ def make_cohort(root: Path) -> dict:
     writer.write_tsv(
         im3, counts_row(t3, 0.5), desc="CMB", suffix="counts", dictionary=COUNT_COLUMNS
     )
-    writer.write_json(
-        writer.path_for(im3, "mask", label="CMB").with_name("sub-03_label-CMB_mask.json"),
-        {"Sources": ["bids:raw:sub-03/anat/sub-03_swi.nii.gz"], "Type": "Lesion"},
-    )
+    writer.write_nifti(im3, l3 > 0, affine, "mask", label="CMB", dtype=np.uint8,
+                       meta={"Type": "Lesion"})  # fmt: skip
 
     config = Config(bids_dir=bids, output_dir=out, analysis_level="participant",
                     command=["cmb-bidsapp", str(bids), str(out), "participant"])  # fmt: skip
