@@ -1,0 +1,319 @@
+"""Veins of the simulator: random deep medullary and cortical veins, named veins and sinuses.
+
+All veins are centre lines in template (MNI) space with a radius per point; they are mapped
+to each subject with its transform and drawn as tubes on the fine grid (:func:`stamp_tubes`),
+where they hold venous blood (paramagnetic, χ 0.30–0.50 ppm against CSF, R2* ≈ 40 s⁻¹).
+
+* Deep medullary veins (60–160 per subject): from the wall of the lateral ventricles
+  outwards through the white matter, along the gradient of the distance to the brain surface
+  with a little random bending, until they reach the cortex; 0.5–1.0 mm thick, 10–35 mm long.
+* Cortical (pial and sulcal) veins (40–100): random walks on the brain surface, 0.3–1.5 mm
+  below the template brain boundary (sulcal CSF and the pial surface), drifting upwards
+  towards the superior sagittal sinus; 0.6–1.5 mm thick, 15–60 mm long.
+* Named veins (control points in MNI space, jittered by 1.5 mm): internal cerebral veins,
+  thalamostriate veins, basal veins of Rosenthal, the great vein of Galen, the straight sinus,
+  the superior sagittal sinus (traced over the midline brain surface, 3–7 mm wide) and the
+  transverse and sigmoid sinuses (6–7 mm, pushed outside the brain).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from scipy.interpolate import CubicSpline
+
+from .anatomy import NMM_LATERAL_VENTRICLES, TemplateAnatomy
+
+STEP_MM = 0.5
+
+
+@dataclass
+class VesselSet:
+    """Centre-line points of all veins of one subject, in template mm."""
+
+    points: np.ndarray  # (n, 3)
+    radius: np.ndarray  # (n,) mm
+    tangent: np.ndarray  # (n, 3) unit direction
+    vessel: np.ndarray  # (n,) vessel index
+    kinds: list[str]  # kind of each vessel ('medullary', 'cortical', or a vein's name)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-9)
+
+
+@lru_cache(maxsize=2)
+def _start_points(tpl: TemplateAnatomy) -> tuple[np.ndarray, np.ndarray]:
+    """(ventricle-wall points for medullary veins, surface points for cortical veins), MNI mm."""
+    from scipy import ndimage as ndi
+
+    vent = np.isin(tpl.nmm, NMM_LATERAL_VENTRICLES)
+    wall = ndi.binary_dilation(vent, iterations=2) & ~vent & (tpl.wm > 0.5)
+    wall_pts = tpl.mask_points(wall)
+    wall_pts = wall_pts[wall_pts[:, 2] > 0.0]
+    surf = (tpl.dist > -2.5) & (tpl.dist < -0.5) & (tpl.csf > 0.2)
+    surf_pts = tpl.mask_points(surf)
+    surf_pts = surf_pts[surf_pts[:, 2] > -30.0]
+    return wall_pts, surf_pts
+
+
+def _trace_medullary(tpl: TemplateAnatomy, rng: np.random.Generator, n: int):
+    wall, _ = _start_points(tpl)
+    pos = wall[rng.integers(0, len(wall), n)] + rng.uniform(-0.5, 0.5, (n, 3))
+    length = rng.uniform(10.0, 35.0, n)
+    direc = _unit(tpl.gradient(tpl.dist, pos))
+    active = np.ones(n, bool)
+    out = [pos.copy()]
+    alive = [active.copy()]
+    for step in range(int(length.max() / STEP_MM)):
+        g = _unit(tpl.gradient(tpl.dist, pos))
+        direc = _unit(0.85 * direc + 0.15 * g + 0.08 * rng.normal(0, 1, (n, 3)))
+        pos = pos + STEP_MM * direc * active[:, None]
+        active &= (step + 1) * STEP_MM < length
+        active &= tpl.sample(tpl.gm, pos) < 0.45
+        active &= tpl.sample(tpl.dist, pos) < -2.0
+        out.append(pos.copy())
+        alive.append(active.copy())
+        if not active.any():
+            break
+    return np.stack(out), np.stack(alive), rng.uniform(0.25, 0.5, n)
+
+
+def _trace_cortical(tpl: TemplateAnatomy, rng: np.random.Generator, n: int):
+    _, surf = _start_points(tpl)
+    pos = surf[rng.integers(0, len(surf), n)] + rng.uniform(-0.5, 0.5, (n, 3))
+    target = rng.uniform(-1.5, -0.3, n)
+    length = rng.uniform(15.0, 60.0, n)
+    normal = _unit(tpl.gradient(tpl.dist, pos))
+    direc = rng.normal(0, 1, (n, 3))
+    direc = _unit(direc - (direc * normal).sum(1, keepdims=True) * normal)
+    active = np.ones(n, bool)
+    out = [pos.copy()]
+    alive = [active.copy()]
+    up = np.array([0.0, 0.0, 1.0])
+    for step in range(int(length.max() / STEP_MM)):
+        normal = _unit(tpl.gradient(tpl.dist, pos))
+        direc = direc + 0.18 * rng.normal(0, 1, (n, 3)) + 0.08 * up
+        direc = _unit(direc - (direc * normal).sum(1, keepdims=True) * normal)
+        new = pos + STEP_MM * direc
+        d = tpl.sample(tpl.dist, new)
+        new = new - (d - target)[:, None] * normal
+        pos = np.where(active[:, None], new, pos)
+        d = tpl.sample(tpl.dist, pos)
+        active &= (step + 1) * STEP_MM < length
+        active &= np.abs(d - target) < 1.5
+        out.append(pos.copy())
+        alive.append(active.copy())
+        if not active.any():
+            break
+    return np.stack(out), np.stack(alive), rng.uniform(0.3, 0.75, n)
+
+
+def _sss_path(tpl: TemplateAnatomy) -> np.ndarray:
+    """Midline path just outside the brain surface, from the frontal pole to the torcular."""
+    centre = np.array([0.0, -15.0, 5.0])
+    angles = np.deg2rad(np.linspace(-5.0, 205.0, 140))
+    radii = np.arange(0.0, 130.0, 0.5)
+    dirs = np.stack([np.zeros_like(angles), np.cos(angles), np.sin(angles)], 1)
+    pts = centre + dirs[:, None, :] * radii[None, :, None]
+    inside = tpl.sample(tpl.dist, pts.reshape(-1, 3)).reshape(len(angles), len(radii)) < 0
+    last = np.array([radii[np.nonzero(row)[0].max()] if row.any() else 0.0 for row in inside])
+    return centre + dirs * (last[:, None] + 1.0)
+
+
+def _spline(ctrl: np.ndarray, step: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    ctrl = np.asarray(ctrl, float)
+    seg = np.linalg.norm(np.diff(ctrl, axis=0), axis=1)
+    keep = np.r_[True, seg > 1e-6]
+    ctrl = ctrl[keep]
+    t = np.r_[0.0, np.cumsum(np.linalg.norm(np.diff(ctrl, axis=0), axis=1))]
+    if len(ctrl) < 3:
+        s = np.linspace(0, t[-1], max(int(t[-1] / step), 2))
+        pts = np.stack([np.interp(s, t, ctrl[:, a]) for a in range(3)], 1)
+    else:
+        cs = CubicSpline(t, ctrl, axis=0)
+        s = np.linspace(0, t[-1], max(int(t[-1] / step), 2))
+        pts = cs(s)
+    return pts, s / max(t[-1], 1e-9)
+
+
+def _push_outside(tpl: TemplateAnatomy, pts: np.ndarray, clearance: np.ndarray) -> np.ndarray:
+    for _ in range(8):
+        d = tpl.sample(tpl.dist, pts)
+        deficit = np.maximum(clearance - d, 0.0)
+        if not deficit.any():
+            break
+        pts = pts + deficit[:, None] * _unit(tpl.gradient(tpl.dist, pts, h=1.5))
+    return pts
+
+
+def _named_veins(tpl: TemplateAnatomy, rng: np.random.Generator):
+    """[(name, points (n, 3), radius (n,))] of the named veins and sinuses."""
+    j = lambda p: np.asarray(p, float) + rng.normal(0, 1.5, np.shape(p))  # noqa: E731
+    out = []
+    sss = _sss_path(tpl)
+    sss_pts, s = _spline(sss[::4] + rng.normal(0, 1.0, sss[::4].shape))
+    r_sss = rng.uniform(1.5, 2.0) + s * rng.uniform(1.2, 1.8)
+    sss_pts = _push_outside(tpl, sss_pts, r_sss + 0.5)
+    out.append(("superior_sagittal_sinus", sss_pts, r_sss))
+    torcular = sss_pts[-1]
+    galen = j([0.0, -47.0, 4.0])
+    for side in (1.0, -1.0):
+        icv = [[side * 2.5, -3, 11], [side * 2.5, -18, 12], [side * 2.0, -33, 9]]
+        pts, _ = _spline(np.r_[j(icv), galen[None]])
+        out.append(
+            (
+                f"internal_cerebral_vein_{'right' if side > 0 else 'left'}",
+                pts,
+                np.full(len(pts), rng.uniform(0.8, 1.1)),
+            )
+        )
+        ts = [[side * 17, -22, 20], [side * 13, -10, 17], [side * 6, -2, 14]]
+        pts, _ = _spline(np.r_[j(ts), [[side * 2.5, -3, 11]]])
+        out.append(
+            (
+                f"thalamostriate_vein_{'right' if side > 0 else 'left'}",
+                pts,
+                np.full(len(pts), rng.uniform(0.5, 0.8)),
+            )
+        )
+        bv = [
+            [side * 20, -2, -14],
+            [side * 24, -15, -10],
+            [side * 20, -28, -4],
+            [side * 11, -40, 1],
+        ]
+        pts, _ = _spline(np.r_[j(bv), galen[None]])
+        out.append(
+            (
+                f"basal_vein_{'right' if side > 0 else 'left'}",
+                pts,
+                np.full(len(pts), rng.uniform(0.8, 1.1)),
+            )
+        )
+        tv = [
+            [side * 25, -100, -18],
+            [side * 45, -88, -24],
+            [side * 55, -68, -30],
+            [side * 52, -52, -40],
+            [side * 46, -42, -52],
+        ]
+        pts, _ = _spline(np.r_[torcular[None], j(tv)])
+        r = np.full(len(pts), rng.uniform(2.8, 3.5))
+        pts = _push_outside(tpl, pts, r + 0.5)
+        out.append((f"transverse_sinus_{'right' if side > 0 else 'left'}", pts, r))
+    pts, _ = _spline(
+        np.r_[galen[None], j([[0, -55, 6], [0, -70, -3], [0, -88, -16]]), torcular[None]]
+    )
+    out.append(("straight_sinus", pts, np.full(len(pts), rng.uniform(2.0, 2.6))))
+    out.append(
+        (
+            "vein_of_galen",
+            *(lambda p: (p, np.full(len(p), 2.0)))(
+                _spline(np.r_[galen[None], j([[0, -52, 5]])])[0]
+            ),
+        )
+    )
+    return out
+
+
+def sample_veins(
+    tpl: TemplateAnatomy,
+    rng: np.random.Generator,
+    n_medullary: int | None = None,
+    n_cortical: int | None = None,
+) -> VesselSet:
+    """Draw the veins of one subject (template mm)."""
+    n_med = int(rng.integers(60, 161)) if n_medullary is None else int(n_medullary)
+    n_cor = int(rng.integers(40, 101)) if n_cortical is None else int(n_cortical)
+    pts_all, rad_all, tan_all, ves_all, kinds = [], [], [], [], []
+
+    def add(points: np.ndarray, radius: np.ndarray, kind: str) -> None:
+        if len(points) < 2:
+            return
+        tangent = _unit(np.gradient(points, axis=0))
+        pts_all.append(points)
+        rad_all.append(np.broadcast_to(radius, (len(points),)).astype(float))
+        tan_all.append(tangent)
+        ves_all.append(np.full(len(points), len(kinds)))
+        kinds.append(kind)
+
+    for tracer, n, kind in (
+        (_trace_medullary, n_med, "medullary"),
+        (_trace_cortical, n_cor, "cortical"),
+    ):
+        if n <= 0:
+            continue
+        path, alive, radius = tracer(tpl, rng, n)
+        for v in range(n):
+            keep = path[: int(alive[:, v].sum()) + 1, v]
+            # densify to 0.25 mm and taper the last third
+            if len(keep) >= 2:
+                dense, s = _spline(
+                    keep[:: max(1, len(keep) // 12)] if len(keep) > 24 else keep, 0.25
+                )
+                taper = np.clip(1.2 - 0.6 * s, 0.6, 1.0)
+                add(dense, radius[v] * taper, kind)
+    for name, points, radius in _named_veins(tpl, rng):
+        add(points, radius, name)
+    return VesselSet(
+        points=np.concatenate(pts_all),
+        radius=np.concatenate(rad_all),
+        tangent=np.concatenate(tan_all),
+        vessel=np.concatenate(ves_all),
+        kinds=kinds,
+    )
+
+
+def stamp_tubes(
+    shape: tuple[int, int, int],
+    spacing: np.ndarray,
+    centres_vox: np.ndarray,
+    radius_mm: np.ndarray,
+    out: torch.Tensor | None = None,
+    chunk: int = 4_000_000,
+) -> torch.Tensor:
+    """Partial-volume occupancy (0..1, max over points) of spheres along centre lines.
+
+    `centres_vox`: (n, 3) continuous voxel indices; `radius_mm`: (n,). The edge is a linear
+    ramp one voxel wide, centred on the radius (volume-preserving to first order).
+    """
+    spacing = np.asarray(spacing, float)
+    if out is None:
+        out = torch.zeros(shape, dtype=torch.float32)
+    flat = out.view(-1)
+    width = float(np.mean(spacing))
+    strides = np.array([shape[1] * shape[2], shape[2], 1], np.int64)
+    centres_vox = np.asarray(centres_vox, float)
+    radius_mm = np.asarray(radius_mm, float)
+    inside = np.all((centres_vox > -5) & (centres_vox < np.asarray(shape) + 4), axis=1)
+    centres_vox, radius_mm = centres_vox[inside], radius_mm[inside]
+    if not len(radius_mm):
+        return out
+    half = np.ceil((radius_mm[:, None] + width) / spacing[None, :]).astype(int)
+    keys = half[:, 0] * 10000 + half[:, 1] * 100 + half[:, 2]
+    for key in np.unique(keys):
+        sel = keys == key
+        h = half[sel][0]
+        off = np.stack(np.meshgrid(*[np.arange(-x, x + 1) for x in h], indexing="ij"), -1).reshape(
+            -1, 3
+        )
+        c = centres_vox[sel]
+        r = radius_mm[sel]
+        per = max(1, chunk // len(off))
+        for start in range(0, len(c), per):
+            cc, rr = c[start : start + per], r[start : start + per]
+            base = np.rint(cc).astype(np.int64)
+            vox = base[:, None, :] + off[None, :, :]
+            dmm = np.linalg.norm((vox - cc[:, None, :]) * spacing, axis=2)
+            cov = np.clip((rr[:, None] - dmm) / width + 0.5, 0.0, 1.0).astype(np.float32)
+            ok = (cov > 0) & np.all((vox >= 0) & (vox < np.asarray(shape)), axis=2)
+            idx = (vox[ok] * strides).sum(1)
+            flat.scatter_reduce_(0, torch.from_numpy(idx), torch.from_numpy(cov[ok]), reduce="amax")
+    return out
