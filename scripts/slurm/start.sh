@@ -23,7 +23,7 @@ for cmd in munged munge slurmctld slurmd sinfo sbatch scontrol; do
         || cannot "${cmd} not found (run scripts/install-test-system-deps.sh as root)"
 done
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2> /dev/null; }
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1" 2> /dev/null)" 2> /dev/null; }
 
 # ---- munge: key, runtime folders owned by munge, then munged --force as the munge user
 MUNGE_PID=/run/munge/munged.pid

@@ -9,7 +9,7 @@ set -uo pipefail
 DIR="${CMB_SLURM_DIR:-/tmp/cmb-slurm}"
 CONF="${DIR}/slurm.conf"
 log() { echo "slurm/stop: $*" >&2; }
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2> /dev/null; }
+alive() { [ -s "$1" ] && kill -0 "$(cat "$1" 2> /dev/null)" 2> /dev/null; }
 
 wait_gone() { # PID-file, seconds
     for _ in $(seq $(($2 * 10))); do
