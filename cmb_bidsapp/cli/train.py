@@ -348,7 +348,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     init = None
     if args.init_from:
         init = load_bundle(
-            None if args.init_from == "default" else args.init_from, device, load_teacher=True
+            None if args.init_from == "default" else args.init_from,
+            device,
+            load_teacher=True,
+            fuse=False,
         )
         s.detector_widths = tuple(init.meta["networks"]["detector"]["widths"])
         s.teacher_widths = tuple(init.meta["networks"]["teacher"]["widths"])

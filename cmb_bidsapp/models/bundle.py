@@ -142,11 +142,15 @@ def load_bundle(
     *,
     load_teacher: bool = False,
     load_ablation: bool = False,
+    fuse: bool = True,
 ) -> Bundle:
     """Load a bundle (the package's default when ``path`` is None), verifying every sha256.
 
     Returns a :class:`Bundle` with the detector and the student in eval mode on ``device``
-    (``auto``: CUDA if available). The teacher (training only) is loaded on request.
+    (``auto``: CUDA if available). The teacher (training only) is loaded on request. With
+    ``fuse`` (default) BatchNorm is folded into the convolutions of the detector and students
+    for speed (:func:`~cmb_bidsapp.models.networks.fuse_batchnorm`); ``fuse=False`` keeps the
+    trainable layout (fine-tuning).
     Raises :class:`~cmb_bidsapp.errors.InputError` for a missing, incomplete or altered bundle.
     """
     folder = default_bundle_path() if path is None else Path(path)
@@ -188,6 +192,8 @@ def load_bundle(
         arch_key = "student" if key == "student_nokd" else key
         model = networks.build(arch_key, meta["networks"][arch_key])
         model.load_state_dict(_load_state(folder / name, dev))
+        if fuse:
+            networks.fuse_batchnorm(model)
         models[key] = model.to(dev).eval()
     return Bundle(
         path=folder,

@@ -88,6 +88,11 @@ def bundle_meta(
             "detector_patch": settings.detector_patch,
         },
         "kd": {"temperature": settings.kd_temperature, "alpha": settings.kd_alpha},
+        "ablation": {
+            "file": "student_nokd.pt",
+            "what": "the same student trained without distillation (alpha = 0), for the KD gain",
+            "student_nokd_threshold": float(result["scored"]["student_nokd"]["threshold"]),
+        },
         "versions": {
             "cmb_bidsapp": __version__,
             "torch": torch.__version__,

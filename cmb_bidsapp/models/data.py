@@ -436,6 +436,7 @@ def simulate_and_prepare(
     t0 = time.perf_counter()
     sim = simulate_subject(seed, kind, size=size, **simulated_training_overrides(seed, enrich))
     t1 = time.perf_counter()
+    folder.parent.mkdir(parents=True, exist_ok=True)
     raw = raw_from_simulated(
         sim, key, key.replace("sub-", ""), mask_seed=seed, tmp_dir=folder.parent
     )

@@ -79,6 +79,10 @@ class DetectionResult:
     seconds: dict[str, float] = field(default_factory=dict)
     p_det: np.ndarray | None = None
     """float32, the detector probability in the source grid (0 outside the brain)."""
+    candidate_centres: np.ndarray | None = None
+    """(m, 3) scanner mm of every candidate's probability-weighted centre."""
+    candidate_centres_working: np.ndarray | None = None
+    """(m, 3) int, the same centres in working-grid voxels (the student's patch centres)."""
 
     @property
     def n_lesions(self) -> int:
@@ -382,4 +386,46 @@ def detect(
         device=str(dev),
         seconds={k: round(v, 3) for k, v in times.items()},
         p_det=p_src if keep_p_det else None,
+        candidate_centres=world,
+        candidate_centres_working=centres_w,
+    )
+
+
+def rescore(
+    result: DetectionResult,
+    lesion_bright: np.ndarray,
+    frst_map: np.ndarray,
+    brain_mask: np.ndarray,
+    affine: np.ndarray,
+    student: torch.nn.Module,
+    threshold: float,
+    *,
+    patch_size: int = 24,
+    device: str | torch.device = "cpu",
+) -> DetectionResult:
+    """The same candidates scored by another student (e.g. the no-KD ablation); no detector run."""
+    affine = np.asarray(affine, dtype=float)
+    _, volume, _ = working_inputs(lesion_bright, frst_map, brain_mask, affine)
+    cand = result.candidate_labels
+    scores = classify_patches(
+        student, volume, result.candidate_centres_working, patch_size=patch_size, device=device
+    )
+    inv = np.linalg.inv(affine)
+    centres_src = result.candidate_centres @ inv[:3, :3].T + inv[:3, 3]
+    base = result.p_det if result.p_det is not None else result.probseg
+    probseg, labels, kept, rejected = assemble(
+        base, cand, scores, threshold, centres_src, result.candidate_centres, affine
+    )
+    return DetectionResult(
+        probseg=probseg,
+        labels=labels,
+        scores=kept,
+        candidate_labels=cand,
+        candidate_scores=scores,
+        rejected=rejected,
+        t_det=result.t_det,
+        threshold=float(threshold),
+        device=result.device,
+        candidate_centres=result.candidate_centres,
+        candidate_centres_working=result.candidate_centres_working,
     )

@@ -192,3 +192,24 @@ def build(name: str, arch: dict) -> nn.Module:
     if name == "student":
         return Student(widths, patch_size=int(arch.get("patch_size", PATCH_SIZE)))
     raise ValueError(f"unknown network {name!r}")
+
+
+def fuse_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every (Conv3d, BatchNorm3d) pair of the model's Sequentials into one Conv3d, in place.
+
+    For inference only (eval-mode BatchNorm is a fixed affine map, so the outputs are the same up
+    to float rounding); it removes the BatchNorm passes, which cost about a third of the CPU time.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.children())
+        for i in range(len(children) - 1):
+            conv, bn = children[i], children[i + 1]
+            if isinstance(conv, nn.Conv3d) and isinstance(bn, nn.BatchNorm3d):
+                module[i] = fuse_conv_bn_eval(conv, bn)
+                module[i + 1] = nn.Identity()
+    return model

@@ -1,0 +1,255 @@
+"""Accuracy of a model bundle on a FRESH simulated cohort, scored with `cmb-bidsapp-eval`.
+
+Usage::
+
+    python benchmarks/accuracy.py OUT_DIR [--n 32] [--seed 9001] [--kinds swi,t2starw,megre,qsm]
+                                  [--bundle DIR] [--jobs 2] [--no-kd-ablation]
+
+1. Simulates ``--n`` subjects with :func:`cmb_bidsapp.synth.subject.simulate_subject`, the kinds
+   in turn, seeds from ``--seed`` (pick one no training run used), the simulator's REALISTIC
+   defaults (lesion counts, mimics, skull in about half): no override. Writes them as a BIDS
+   dataset ``OUT_DIR/bids`` and the reference masks and lesion tables (with MARS classes) as a
+   derivatives dataset ``OUT_DIR/reference``, named as the app names its outputs.
+2. Runs detection the way the app does, per image found by :func:`cmb_bidsapp.bids.collect_inputs`:
+   ``read_input`` → ``brain_mask`` (deepbet when a skull is detected) → ``n4_correct`` →
+   ``lesion_bright`` → ``frst`` → :func:`cmb_bidsapp.models.infer.detect` with the bundle and its
+   default threshold; writes ``<source>_label-CMB_mask.nii.gz`` into ``OUT_DIR/pred`` (and, for
+   the KD ablation, the no-KD student's masks at its own validation threshold into
+   ``OUT_DIR/pred_nokd``).
+3. Scores with ``cmb-bidsapp-eval OUT_DIR/pred OUT_DIR/reference`` and prints the table:
+   lesion-wise sensitivity, FP per subject, precision, F1, count difference, per MARS class and
+   per kind, and the KD gain. Everything is also written to ``OUT_DIR/accuracy.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+KIND_FILES = {"swi": ["swi", "part-phase_swi"], "t2starw": ["T2starw"], "qsm": ["Chimap"]}
+
+
+def _sub_label(i: int) -> str:
+    return f"{i + 1:03d}"
+
+
+def write_subject(i: int, seed: int, kind: str, out: Path) -> dict:
+    """Simulate one subject and write its raw BIDS files and its reference derivatives."""
+    import nibabel as nib
+
+    from cmb_bidsapp.io import atomic_save_nifti, atomic_write_json
+    from cmb_bidsapp.synth.subject import simulate_subject
+
+    sub = _sub_label(i)
+    anat = out / "bids" / f"sub-{sub}" / "anat"
+    ref = out / "reference" / f"sub-{sub}" / "anat"
+    if (ref / f"sub-{sub}_label-CMB_mask.nii.gz").exists():
+        return {"subject": sub, "kind": kind, "cached": True}
+    t0 = time.perf_counter()
+    sim = simulate_subject(seed, kind)
+    sources = []
+    for key, img in sim.images.items():
+        name = f"sub-{sub}_{key}.nii.gz"
+        atomic_save_nifti(img, anat / name)
+        atomic_write_json(anat / name.replace(".nii.gz", ".json"), sim.sidecars[key])
+        if "phase" not in key:
+            sources.append(f"bids:raw:sub-{sub}/anat/{name}")
+    mask = nib.Nifti1Image(
+        np.asarray(sim.reference_mask.dataobj, dtype=np.uint8), sim.reference_mask.affine
+    )
+    atomic_save_nifti(mask, ref / f"sub-{sub}_label-CMB_mask.nii.gz")
+    atomic_write_json(
+        ref / f"sub-{sub}_label-CMB_mask.json",
+        {"Type": "Lesion", "Sources": sources, "Description": "simulated reference"},
+    )
+    cols = ["lesion_id", "x", "y", "z", "i", "j", "k", "mars_class", "region", "visible"]
+    table = sim.lesions[[c for c in cols if c in sim.lesions.columns]]
+    table.to_csv(ref / f"sub-{sub}_desc-CMB_lesions.tsv", sep="\t", index=False)
+    return {
+        "subject": sub,
+        "kind": kind,
+        "lesions": int(len(sim.lesions)),
+        "mimics": int(len(sim.mimics)),
+        "skull": bool(sim.skull),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+_BUNDLE = None
+
+
+def detect_image(image, bundle_path: str | None, out: Path, threads: int) -> dict:
+    """The app's preprocessing and detection for one input; writes the predicted mask(s)."""
+    global _BUNDLE
+    import nibabel as nib
+    import torch
+
+    torch.set_num_threads(threads)
+    from cmb_bidsapp.bids import DerivativesWriter
+    from cmb_bidsapp.io import atomic_save_nifti
+    from cmb_bidsapp.models.bundle import load_bundle
+    from cmb_bidsapp.models.data import preprocess
+    from cmb_bidsapp.models.infer import detect, rescore
+    from cmb_bidsapp.preproc.steps import brain_mask, read_input
+
+    if _BUNDLE is None:
+        _BUNDLE = load_bundle(bundle_path, "cpu", load_ablation=True)
+    b = _BUNDLE
+    t0 = time.perf_counter()
+    inp = read_input(
+        [str(f) for f in image.files],
+        kind=image.kind,
+        echo_times=list(image.echo_times) or None,
+        units=str(image.metadata.get("Units", "")),
+    )
+    mask, report = brain_mask(inp.image, inp.affine, kind=image.kind, mode="auto", threads=threads)
+    lb, fr = preprocess(inp.image, inp.affine, mask, image.kind)
+    t1 = time.perf_counter()
+    res = detect(lb, fr, mask, inp.affine, b, keep_p_det=True)
+    out_row = {
+        "key": image.source_name,
+        "kind": image.kind,
+        "brain_mask": report.get("method"),
+        "preprocess_s": round(t1 - t0, 1),
+        "detect_s": res.seconds.get("total"),
+        "candidates": int(len(res.candidate_scores)),
+        "detections": res.n_lesions,
+    }
+    for folder, labels in (("pred", res.labels),):
+        path = DerivativesWriter(out / folder).path_for(image, "mask", label="CMB")
+        atomic_save_nifti(nib.Nifti1Image((labels > 0).astype(np.uint8), inp.affine), path)
+    if b.student_nokd is not None:
+        thr = float(b.meta.get("ablation", {}).get("student_nokd_threshold", b.default_threshold))
+        res2 = rescore(res, lb, fr, mask, inp.affine, b.student_nokd, thr, patch_size=b.patch_size)
+        path = DerivativesWriter(out / "pred_nokd").path_for(image, "mask", label="CMB")
+        atomic_save_nifti(nib.Nifti1Image((res2.labels > 0).astype(np.uint8), inp.affine), path)
+        out_row["detections_nokd"] = res2.n_lesions
+    return out_row
+
+
+def _eval(pred: Path, ref: Path, prefix: Path) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmb_bidsapp.cli.eval",
+        str(pred),
+        str(ref),
+        "--out-prefix",
+        str(prefix),
+    ]
+    subprocess.run(cmd, check=False, capture_output=True, text=True)
+    return json.loads(prefix.with_suffix(".json").read_text())
+
+
+def _row(name: str, d: dict) -> str:
+    def f(v, nd=3):
+        return "n/a" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+    return (
+        f"| {name} | {f(d.get('sensitivity'))} | {f(d.get('fp_per_subject', d.get('fp_per_image')), 2)} "
+        f"| {f(d.get('precision'))} | {f(d.get('f1'))} | {d.get('tp', 'n/a')} | {d.get('fp', 'n/a')} "
+        f"| {d.get('fn', 'n/a')} |"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=9001)
+    ap.add_argument("--kinds", default="swi,t2starw,megre,qsm")
+    ap.add_argument("--bundle", default=None, help="bundle folder (default: the shipped one)")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    out = args.out.resolve()
+    kinds = args.kinds.split(",")
+    from cmb_bidsapp.io import atomic_write_json
+
+    t0 = time.perf_counter()
+    atomic_write_json(
+        out / "bids" / "dataset_description.json",
+        {
+            "Name": "cmb-bidsapp accuracy cohort (simulated)",
+            "BIDSVersion": "1.10.0",
+            "DatasetType": "raw",
+        },
+    )
+    for d in ("reference", "pred", "pred_nokd"):
+        atomic_write_json(
+            out / d / "dataset_description.json",
+            {
+                "Name": d,
+                "BIDSVersion": "1.10.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": "benchmarks/accuracy.py"}],
+                "SourceDatasets": [{"URL": str(out / "bids")}],
+            },
+        )
+    seeds = [
+        int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0]) for i in range(args.n)
+    ]
+    ctx = get_context("spawn")
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as ex:
+        sims = list(
+            ex.map(
+                write_subject,
+                range(args.n),
+                seeds,
+                [kinds[i % len(kinds)] for i in range(args.n)],
+                [out] * args.n,
+            )
+        )
+    t_sim = time.perf_counter() - t0
+    from cmb_bidsapp.bids import collect_inputs
+
+    images, _ = collect_inputs(out / "bids")
+    t1 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as ex:
+        rows = list(
+            ex.map(
+                detect_image,
+                images,
+                [args.bundle] * len(images),
+                [out] * len(images),
+                [1] * len(images),
+            )
+        )
+    t_det = time.perf_counter() - t1
+    scores = _eval(out / "pred", out / "reference", out / "eval" / "cmb_eval")
+    scores_nokd = _eval(out / "pred_nokd", out / "reference", out / "eval" / "cmb_eval_nokd")
+    result = {
+        "command": " ".join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
+        "n_subjects": args.n,
+        "seed": args.seed,
+        "simulation": sims,
+        "images": rows,
+        "simulate_s": round(t_sim, 1),
+        "detect_s": round(t_det, 1),
+        "eval": scores,
+        "eval_nokd": scores_nokd,
+    }
+    atomic_write_json(out / "accuracy.json", result)
+    tot = scores["totals"]
+    print("| set | sensitivity | FP/subject | precision | F1 | TP | FP | FN |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(_row("all (KD student)", tot))
+    print(_row("all (no-KD student)", scores_nokd["totals"]))
+    for k, d in scores.get("per_class", {}).items():
+        print(_row(f"class {k}", d))
+    for k, d in scores.get("per_kind", {}).items():
+        print(_row(f"kind {k}", d))
+    print(f"\ncount difference (mean |n_pred - n_ref|): {tot.get('count_difference')}")
+    print(json.dumps({k: tot.get(k) for k in tot if "subject" in k or "auc" in k}, indent=1))
+    print(f"simulation {t_sim / 60:.1f} min, detection {t_det / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
