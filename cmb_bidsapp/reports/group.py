@@ -400,7 +400,8 @@ def _svg(fig) -> str:
     buf = io.StringIO()
     fig.savefig(buf, format="svg")
     text = buf.getvalue()
-    return text[text.index("<svg") :]
+    text = re.sub(r"<metadata>.*?</metadata>\s*", "", text[text.index("<svg") :], flags=re.S)
+    return text
 
 
 def _png_data_uri(fig, dpi: int = 90) -> str:
