@@ -91,6 +91,7 @@ def test_subject_page_is_offline_and_shows_every_lesion(cohort):
     assert "Microbleeds were detected with <em>cmb-bidsapp</em> (test)." in page  # methods
     assert "cmb-bidsapp " in page and "participant</code>" in page  # provenance: the command
     assert "ModelSHA256" in page
+    assert re.search(r"nipype \d+\.\d+", page) and re.search(r"numpy \d+\.\d+", page)
 
 
 def test_failed_image_has_a_report_saying_why(cohort):

@@ -107,6 +107,32 @@ def _sidecar(path: Path) -> dict[str, Any]:
     return read_json(Path(str(path).replace(".nii.gz", ".json"))) or {}
 
 
+VERSION_PACKAGES = (
+    "numpy",
+    "scipy",
+    "nibabel",
+    "SimpleITK",
+    "nipype",
+    "pybids",
+    "torch",
+    "deepbet",
+    "matplotlib",
+)
+
+
+def dependency_versions() -> dict[str, str]:
+    """Installed versions of the main dependencies (from package metadata, nothing imported)."""
+    from importlib import metadata
+
+    out = {"cmb-bidsapp": __version__}
+    for name in VERSION_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 _MODEL_SKIP = {"Type", "Description", "Sources", "Threshold", "SkullStripped"}
 
 
@@ -318,6 +344,7 @@ def build_image_qc(
         "figure_warnings": figs.warnings,
         "origin": origin,
         "version": __version__,
+        "versions": dependency_versions(),
         "figures_seconds": round(time.monotonic() - t0, 2),
     }
     qc["warnings"] = _warnings(qc, lesions) + figs.warnings
@@ -554,6 +581,7 @@ def render_subject_html(
         run = qc.get("run")
         if run and run not in runs:
             runs.append(run)
+    versions = next((qc["versions"] for qc in qcs if qc.get("versions")), None)
     regenerated = None
     if config is not None and getattr(config, "reports_only", False):
         regenerated = shlex.join(str(c) for c in config.command)
@@ -570,6 +598,7 @@ def render_subject_html(
             if citation
             else None,
             runs=runs,
+            versions=versions or dependency_versions(),
             regenerated=regenerated,
             card=model_card(config) if config is not None else None,
             mars_classes=MARS_CLASSES,
