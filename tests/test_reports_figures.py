@@ -194,3 +194,23 @@ def test_thirty_lesions_take_a_few_seconds():
     assert elapsed < 15.0, f"figures took {elapsed:.1f} s"
     total_kb = (sum(map(len, out.lesions.values())) + sum(len(p) for _, p in out.rejected)) / 1e3
     assert total_kb < 42 * 40  # small figures: < 40 kB per crop
+
+
+def test_rejected_candidates_are_outlined_when_a_candidate_map_is_given():
+    data = np.full((60, 60, 12), 100.0, np.float32)
+    cand = np.zeros(data.shape, np.int32)
+    cand[30:32, 30:32, 6] = 9
+    data[30:32, 30:32, 6] = 10.0
+    aff = _affine(shape=data.shape)
+    xyz = nib.affines.apply_affine(aff, [[30.5, 30.5, 6]])[0]
+    rejected = pd.DataFrame(
+        {"candidate_id": [9], "x": [xyz[0]], "y": [xyz[1]], "z": [xyz[2]],
+         "i": [30], "j": [30], "k": [6], "score": [0.3], "rule": ["student score 0.3 < 0.5"]}
+    )  # fmt: skip
+    empty = pd.DataFrame(columns=["lesion_id", "i", "j", "k"])
+    out = F.make_image_figures(data, aff, data > 50, empty, rejected=rejected, candidates=cand)
+    ((row, png),) = out.rejected
+    idx = _decode(png)
+    assert row == 0 and (idx == F.REJECTED_COLOUR).any() and not (idx == F.LESION_COLOUR).any()
+    out = F.make_image_figures(data, aff, data > 50, empty, rejected=rejected)
+    assert not (_decode(out.rejected[0][1]) == F.REJECTED_COLOUR).any()  # ticks only

@@ -32,6 +32,9 @@ class _ReportIn(BaseInterfaceInputSpec):
     preproc = File(exists=True, mandatory=True, desc="preprocessed image (source grid)")
     brain_mask = File(exists=True, mandatory=True)
     labels = File(exists=True, desc="lesion label map (lesion_id values)")
+    candidates = File(
+        exists=True, desc="every candidate, numbered as the rejected table's candidate_id"
+    )
     bias = File(exists=True, desc="multiplicative bias field")
     regions = File(exists=True, desc="MARS map in the source grid")
     transform = File(exists=True, desc="native → template transform (SimpleITK)")
@@ -82,6 +85,7 @@ class ReportFigures(SimpleInterface):
                 preproc=self.inputs.preproc,
                 brain_mask=self.inputs.brain_mask,
                 labels=_opt(self.inputs.labels),
+                candidates=_opt(self.inputs.candidates),
                 bias=_opt(self.inputs.bias),
                 regions=_opt(self.inputs.regions),
                 transform=_opt(self.inputs.transform),

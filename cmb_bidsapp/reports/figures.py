@@ -649,6 +649,7 @@ def make_image_figures(
     *,
     labels: np.ndarray | None = None,
     rejected=None,
+    candidates: np.ndarray | None = None,
     bias: np.ndarray | None = None,
     regions: np.ndarray | None = None,
     transform_path: str | None = None,
@@ -660,7 +661,8 @@ def make_image_figures(
     `image` is the preprocessed image and `mask` the brain mask (native grid, `affine`),
     `lesions` the lesion table (pandas), `labels` the lesion label map (else rebuilt from the
     final binary mask by `labels_from_mask`, pass that as `labels`), `rejected` the rejected
-    candidates' table (or None), `bias` the bias field, `regions` the MARS map in the native
+    candidates' table (or None), `candidates` a label map of every candidate numbered by the
+    rejected table's `candidate_id` (else `lesion_id`) to outline them (optional), `bias` the bias field, `regions` the MARS map in the native
     grid, `transform_path` the native → template transform with its `registration` report.
     """
     vol = as_ras(np.asarray(image, dtype=np.float32), affine)
@@ -702,10 +704,17 @@ def make_image_figures(
         try:
             rows = strongest_rejected(rejected, max_rejected)
             rcentres = _centres(vol, rejected.iloc[rows])
+            id_col = next((c for c in ("candidate_id", "lesion_id") if c in rejected.columns), None)
+            cand_r = vol.like(candidates) if candidates is not None and id_col else None
             for row, centre in zip(rows, rcentres, strict=True):
-                rejected_pngs.append(
-                    (row, lesion_crop_png(vol, centre, window, labels=labels_r, rejected=True))
-                )
+                if cand_r is not None:  # the candidate's own outline, in orange
+                    cid = int(rejected[id_col].iloc[row])
+                    png = lesion_crop_png(
+                        vol, centre, window, labels=cand_r, lesion_id=cid, rejected=True
+                    )
+                else:  # its position only (ticks); detected lesions nearby in cyan
+                    png = lesion_crop_png(vol, centre, window, labels=labels_r, rejected=True)
+                rejected_pngs.append((row, png))
         except Exception as err:
             warnings.append(
                 f"the rejected-candidate crops could not be drawn ({type(err).__name__}: {err})"

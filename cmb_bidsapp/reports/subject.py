@@ -234,6 +234,7 @@ def build_image_qc(
     preproc: str | Path,
     brain_mask: str | Path,
     labels: str | Path | None = None,
+    candidates: str | Path | None = None,
     bias: str | Path | None = None,
     regions: str | Path | None = None,
     transform: str | Path | None = None,
@@ -247,7 +248,8 @@ def build_image_qc(
 
     The lesion table, the rejected candidates and the model fields are read from the published
     derivatives in OUTPUT_DIR (so the figures show exactly what was published); the images
-    (`preproc`, `brain_mask`, `labels`, `bias`, `regions`: NIfTI paths in the source grid) and
+    (`preproc`, `brain_mask`, `labels`, `candidates` (every candidate, numbered as the rejected
+    table), `bias`, `regions`: NIfTI paths in the source grid) and
     the reports (`registration`, `brain_report`, `input_info`) come from the workflow, or from
     the derivatives when `origin` is ``"derivatives"`` (`--reports-only`). Never raises for a
     figure that cannot be drawn: it becomes a warning.
@@ -295,6 +297,7 @@ def build_image_qc(
         lesions if lesions is not None else pd.DataFrame(columns=["lesion_id", "i", "j", "k"]),
         labels=label_map,
         rejected=rejected,
+        candidates=np.asarray(nib.load(str(candidates)).dataobj) if candidates else None,
         bias=np.asarray(nib.load(str(bias)).dataobj) if bias else None,
         regions=np.asarray(nib.load(str(regions)).dataobj) if regions else None,
         transform_path=str(transform) if transform else None,
@@ -568,7 +571,7 @@ def render_subject_html(
     subject: str, qcs: list[dict[str, Any]], output_dir: Path, config=None
 ) -> str:
     """The HTML page of one subject from its images' QC records (see the module docstring)."""
-    from .figures import CROP_FOV_MM
+    from .figures import CROP_FOV_MM, CROP_PANEL_PX
 
     output_dir = Path(output_dir)
     entries = [_image_entry(output_dir, qc) for qc in qcs]
@@ -604,6 +607,7 @@ def render_subject_html(
             mars_classes=MARS_CLASSES,
             mars_regions=list(MARS_REGIONS.values()),
             crop_fov=CROP_FOV_MM,
+            crop_size=(3 * CROP_PANEL_PX + 6, 2 * CROP_PANEL_PX + 3),
             has_group=(output_dir / "group.html").exists(),
         )
     )
