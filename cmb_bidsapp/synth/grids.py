@@ -149,11 +149,14 @@ def truncate_axis(x: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
     k = torch.fft.fft(x, dim=dim)
     keep_pos = (n_out + 1) // 2
     keep_neg = n_out // 2
-    parts = [k.narrow(dim, 0, keep_pos)]
+    shape = list(k.shape)
+    shape[dim] = n_out
+    kept = torch.empty(shape, dtype=k.dtype)
+    kept.narrow(dim, 0, keep_pos).copy_(k.narrow(dim, 0, keep_pos))
     if keep_neg:
-        parts.append(k.narrow(dim, n_in - keep_neg, keep_neg))
-    k = torch.cat(parts, dim=dim)
-    out = torch.fft.ifft(k, dim=dim)
+        kept.narrow(dim, keep_pos, keep_neg).copy_(k.narrow(dim, n_in - keep_neg, keep_neg))
+    del k
+    out = torch.fft.ifft(kept, dim=dim)
     out.mul_(n_out / n_in)
     return out
 

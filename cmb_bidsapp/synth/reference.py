@@ -37,6 +37,18 @@ from .grids import Grid, fast_size, slice_matrix, truncation_matrix
 from .physics import OMEGA_PER_PPM, dipole_field, swi_phase_mask, tkd_inverse
 
 PATCH_MM = 8.0
+_MAG = (
+    "voxels of the acquired grid whose noise-free {what} drops by more than 30 % against the same "
+    "subject simulated without that microbleed (components touching the microbleed's centre)"
+)
+#: One-line definition of the reference mask per input kind (written in the mask's sidecar).
+DEFINITION = {
+    "swi": _MAG.format(what="SWI intensity |S|*pm(phase_hp)^n"),
+    "t2starw": _MAG.format(what="magnitude"),
+    "megre": _MAG.format(what="root-sum-of-squares magnitude over echoes"),
+    "qsm": "voxels where the microbleed's own contribution to the reconstructed chi map is at "
+    "least half its peak and at least 0.05 ppm (inside the QSM mask)",
+}
 DROP_THRESHOLD = 0.30
 QSM_MIN_PPM = 0.05
 QSM_PEAK_FRACTION = 0.5

@@ -127,6 +127,7 @@ def _surface_points(tpl: TemplateAnatomy) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _reduce(signal: torch.Tensor, grids: Grids, two_d: bool) -> torch.Tensor:
+    """Fine-grid complex signal -> acquired grid (slice integration or k-space truncation)."""
     acq = grids.acquired.shape
     if two_d:
         out = slice_average(signal, 2, acq[2], grids.n_pitch, grids.n_sub)
@@ -135,6 +136,36 @@ def _reduce(signal: torch.Tensor, grids: Grids, two_d: bool) -> torch.Tensor:
     for axis in (0, 1):
         out = truncate_axis(out, axis, acq[axis])
     return out
+
+
+def _reduce_chunked(
+    make, shape: tuple[int, int, int], grids: Grids, two_d: bool, chunk: int = 24
+) -> torch.Tensor:
+    """Reduce a fine-grid complex volume produced slab by slab by ``make(slice)`` (first axis).
+
+    Each slab is reduced along the slice axis at once, so the full fine complex volume never
+    exists in memory; the two in-plane axes are reduced afterwards.
+    """
+    acq = grids.acquired.shape
+    n0 = shape[0]
+    part = torch.empty((n0, shape[1], acq[2]), dtype=torch.complex64)
+    for i in range(0, n0, chunk):
+        sl = slice(i, min(i + chunk, n0))
+        sig = make(sl)
+        if two_d:
+            part[sl] = slice_average(sig, 2, acq[2], grids.n_pitch, grids.n_sub)
+        else:
+            part[sl] = truncate_axis(sig, 2, acq[2])
+    for axis in (0, 1):
+        part = truncate_axis(part, axis, acq[axis])
+    return part
+
+
+def _signal_acquired(amp, r2s, field, te: float, grids: Grids, two_d: bool) -> torch.Tensor:
+    """GRE signal at echo time `te` (s) formed on the fine grid, reduced to the acquired grid."""
+    return _reduce_chunked(
+        lambda sl: gre_signal(amp[sl], r2s[sl], field[sl], te), tuple(amp.shape), grids, two_d
+    )
 
 
 def _lattice_noise(lattice: Grid, rng: np.random.Generator, channels: int) -> torch.Tensor:
@@ -278,7 +309,9 @@ def simulate_subject(
     del bg_mid
     chi_acq = None
     if kind == "qsm":
-        chi_acq = _reduce(chi.to(torch.complex64), grids, two_d).real.contiguous()
+        chi_acq = _reduce_chunked(
+            lambda sl, c=chi: c[sl].to(torch.complex64), tuple(chi.shape), grids, two_d
+        ).real.contiguous()
     if debug is not None:
         debug.update(
             grids=grids,
@@ -294,7 +327,7 @@ def simulate_subject(
     t = time.perf_counter()
     tes = proto.echo_times_s
     sim_tes = [tes[len(tes) // 2]] if kind == "qsm" else tes
-    signals = [_reduce(gre_signal(amp, r2s, field, te), grids, two_d) for te in sim_tes]
+    signals = [_signal_acquired(amp, r2s, field, te, grids, two_d) for te in sim_tes]
     timings["signal"] = time.perf_counter() - t
 
     if debug is not None:

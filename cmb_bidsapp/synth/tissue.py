@@ -10,7 +10,7 @@ tissue              M0     T1 (s)  R2* (/s)  χ brain      χ head (rel. air)
 white matter        0.69   0.85    21        −0.03        −9.4
 grey matter         0.80   1.45    16        +0.01        −9.4
 CSF                 1.00   4.0     2.5        0           −9.4
-venous blood        0.85   1.65    40        +0.30–0.50   (in χ brain)
+venous blood        0.85   1.65    80        +0.30–0.50   (in χ brain)
 microbleed core     0.55   0.80    300       +0.3–1.5     (in χ brain)
 calcification       0.25   1.0     120       −0.3–−1.5    (in χ brain)
 flow void           0.05   1.0     30         0           (in χ brain)
@@ -55,7 +55,7 @@ TISSUES: dict[str, tuple[float, float, float, float, float]] = {
     "wm": (0.69, 0.85, 21.0, -0.03, -9.4),
     "gm": (0.80, 1.45, 16.0, 0.01, -9.4),
     "csf": (1.00, 4.0, 2.5, 0.0, -9.4),
-    "blood": (0.85, 1.65, 40.0, 0.40, -9.4),
+    "blood": (0.85, 1.65, 80.0, 0.40, -9.4),
     "bleed": (0.55, 0.80, 300.0, 0.0, -9.4),
     "calcification": (0.25, 1.0, 120.0, 0.0, -9.4),
     "flow_void": (0.05, 1.0, 30.0, 0.0, -9.4),

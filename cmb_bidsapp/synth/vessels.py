@@ -2,14 +2,15 @@
 
 All veins are centre lines in template (MNI) space with a radius per point; they are mapped
 to each subject with its transform and drawn as tubes on the fine grid (:func:`stamp_tubes`),
-where they hold venous blood (paramagnetic, χ 0.30–0.50 ppm against CSF, R2* ≈ 40 s⁻¹).
+where they hold venous blood (paramagnetic, χ 0.30–0.50 ppm against CSF, R2* ≈ 80 s⁻¹).
 
-* Deep medullary veins (60–160 per subject): from the wall of the lateral ventricles
-  outwards through the white matter, along the gradient of the distance to the brain surface
-  with a little random bending, until they reach the cortex; 0.5–1.0 mm thick, 10–35 mm long.
-* Cortical (pial and sulcal) veins (40–100): random walks on the brain surface, 0.3–1.5 mm
+* Deep medullary veins (80–200 per subject): from the superolateral walls of the lateral
+  ventricles, first
+  away from the wall, then bending along the gradient of the distance to the brain surface,
+  with a little random bending, until 3 mm below the surface; 0.5–1.0 mm thick, up to 15–40 mm.
+* Cortical (pial and sulcal) veins (80–160): random walks on the brain surface, 0.3–1.5 mm
   below the template brain boundary (sulcal CSF and the pial surface), drifting upwards
-  towards the superior sagittal sinus; 0.6–1.5 mm thick, 15–60 mm long.
+  towards the superior sagittal sinus; 0.6–1.5 mm thick, 20–80 mm long.
 * Named veins (control points in MNI space, jittered by 1.5 mm): internal cerebral veins,
   thalamostriate veins, basal veins of Rosenthal, the great vein of Galen, the straight sinus,
   the superior sagittal sinus (traced over the midline brain surface, 3–7 mm wide) and the
@@ -65,19 +66,28 @@ def _start_points(tpl: TemplateAnatomy) -> tuple[np.ndarray, np.ndarray]:
 
 def _trace_medullary(tpl: TemplateAnatomy, rng: np.random.Generator, n: int):
     wall, _ = _start_points(tpl)
-    pos = wall[rng.integers(0, len(wall), n)] + rng.uniform(-0.5, 0.5, (n, 3))
-    length = rng.uniform(10.0, 35.0, n)
-    direc = _unit(tpl.gradient(tpl.dist, pos))
+    # the superolateral walls: medullary veins fan out laterally and upwards to the cortex
+    normal = -_unit(tpl.gradient(tpl.vent_smooth, wall, h=1.5))
+    lateral = normal[:, 0] * np.sign(wall[:, 0]) > 0.4
+    wall = wall[lateral & (np.abs(wall[:, 0]) > 10.0)]
+    # spread the starts evenly along the ventricles (5 mm bins of y, per side)
+    key = np.floor(wall[:, 1] / 5.0) * 2 + (wall[:, 0] > 0)
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts[inverse]
+    pos = wall[rng.choice(len(wall), n, p=weight / weight.sum())] + rng.uniform(-0.5, 0.5, (n, 3))
+    length = rng.uniform(15.0, 40.0, n)
+    # away from the ventricle wall, then bending towards the nearest cortex
+    away = -_unit(tpl.gradient(tpl.vent_smooth, pos, h=1.5))
+    direc = _unit(away + 0.3 * rng.normal(0, 1, (n, 3)))
     active = np.ones(n, bool)
     out = [pos.copy()]
     alive = [active.copy()]
     for step in range(int(length.max() / STEP_MM)):
-        g = _unit(tpl.gradient(tpl.dist, pos))
-        direc = _unit(0.85 * direc + 0.15 * g + 0.08 * rng.normal(0, 1, (n, 3)))
+        g = _unit(tpl.gradient(tpl.dist, pos, h=1.5))
+        direc = _unit(0.9 * direc + 0.1 * g + 0.06 * rng.normal(0, 1, (n, 3)))
         pos = pos + STEP_MM * direc * active[:, None]
         active &= (step + 1) * STEP_MM < length
-        active &= tpl.sample(tpl.gm, pos) < 0.45
-        active &= tpl.sample(tpl.dist, pos) < -2.0
+        active &= tpl.sample(tpl.dist, pos) < -3.0
         out.append(pos.copy())
         alive.append(active.copy())
         if not active.any():
@@ -89,7 +99,7 @@ def _trace_cortical(tpl: TemplateAnatomy, rng: np.random.Generator, n: int):
     _, surf = _start_points(tpl)
     pos = surf[rng.integers(0, len(surf), n)] + rng.uniform(-0.5, 0.5, (n, 3))
     target = rng.uniform(-1.5, -0.3, n)
-    length = rng.uniform(15.0, 60.0, n)
+    length = rng.uniform(20.0, 80.0, n)
     normal = _unit(tpl.gradient(tpl.dist, pos))
     direc = rng.normal(0, 1, (n, 3))
     direc = _unit(direc - (direc * normal).sum(1, keepdims=True) * normal)
@@ -230,8 +240,8 @@ def sample_veins(
     n_cortical: int | None = None,
 ) -> VesselSet:
     """Draw the veins of one subject (template mm)."""
-    n_med = int(rng.integers(60, 161)) if n_medullary is None else int(n_medullary)
-    n_cor = int(rng.integers(40, 101)) if n_cortical is None else int(n_cortical)
+    n_med = int(rng.integers(80, 201)) if n_medullary is None else int(n_medullary)
+    n_cor = int(rng.integers(80, 161)) if n_cortical is None else int(n_cortical)
     pts_all, rad_all, tan_all, ves_all, kinds = [], [], [], [], []
 
     def add(points: np.ndarray, radius: np.ndarray, kind: str) -> None:
