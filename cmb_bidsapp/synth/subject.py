@@ -56,7 +56,7 @@ from .physics import (
 )
 from .reference import LesionStamp, ReferenceContext, microbleed_masks
 from .tissue import AIR_CHI_PPM, TissueParams, build_maps, sample_tissue_params
-from .transform import SubjectTransform, add_deformation, sample_pose
+from .transform import SubjectTransform, add_deformation, random_waves, sample_pose
 from .vessels import sample_veins, stamp_tubes
 
 PHASE_CONVENTION = (
@@ -126,53 +126,63 @@ def _surface_points(tpl: TemplateAnatomy) -> tuple[np.ndarray, np.ndarray]:
     return brain_surface_points(tpl, 14.0, step=3), brain_surface_points(tpl, 0.0, step=2)
 
 
-def _reduce(signal: torch.Tensor, grids: Grids, two_d: bool) -> torch.Tensor:
-    """Fine-grid complex signal -> acquired grid (slice integration or k-space truncation)."""
+def _reduce_volume(sig: torch.Tensor, grids: Grids, two_d: bool) -> torch.Tensor:
     acq = grids.acquired.shape
     if two_d:
-        out = slice_average(signal, 2, acq[2], grids.n_pitch, grids.n_sub)
-    else:
-        out = truncate_axis(signal, 2, acq[2])
-    for axis in (0, 1):
-        out = truncate_axis(out, axis, acq[axis])
-    return out
+        return slice_average(sig, 2, acq[2], grids.n_pitch, grids.n_sub)
+    return truncate_axis(sig, 2, acq[2])
 
 
-def _reduce_chunked(
-    make, shape: tuple[int, int, int], grids: Grids, two_d: bool, chunk: int = 24
-) -> torch.Tensor:
-    """Reduce a fine-grid complex volume produced slab by slab by ``make(slice)`` (first axis).
+def _reduce_chunked(make, shape, n_out: int, grids: Grids, two_d: bool, chunk: int = 24) -> list[torch.Tensor]:
+    """Reduce `n_out` fine-grid complex volumes produced slab by slab by ``make(slice)``.
 
-    Each slab is reduced along the slice axis at once, so the full fine complex volume never
-    exists in memory; the two in-plane axes are reduced afterwards.
+    ``make`` returns a list of `n_out` complex slabs (first axis). Each slab is reduced along
+    the slice axis at once, so no full fine complex volume exists in memory; the two in-plane
+    axes are reduced afterwards.
     """
     acq = grids.acquired.shape
     n0 = shape[0]
-    part = torch.empty((n0, shape[1], acq[2]), dtype=torch.complex64)
+    parts = [torch.empty((n0, shape[1], acq[2]), dtype=torch.complex64) for _ in range(n_out)]
     for i in range(0, n0, chunk):
         sl = slice(i, min(i + chunk, n0))
-        sig = make(sl)
-        if two_d:
-            part[sl] = slice_average(sig, 2, acq[2], grids.n_pitch, grids.n_sub)
+        for part, sig in zip(parts, make(sl)):
+            part[sl] = _reduce_volume(sig, grids, two_d)
+    out = []
+    for part in parts:
+        for axis in (0, 1):
+            part = truncate_axis(part, axis, acq[axis])
+        out.append(part)
+    return out
+
+
+def _signals_acquired(amp, r2s, field, tes: list[float], grids: Grids, two_d: bool) -> list[torch.Tensor]:
+    """GRE signals at echo times `tes` (s), formed on the fine grid, reduced to the acquired grid.
+
+    Equally spaced echoes use S(TE + ΔTE) = S(TE) · exp(−(R2* + iγΔB)·ΔTE).
+    """
+    steps = np.diff(tes)
+    uniform = len(tes) > 2 and np.allclose(steps, steps[0], rtol=1e-6)
+
+    def make(sl):
+        first = gre_signal(amp[sl], r2s[sl], field[sl], tes[0])
+        out = [first]
+        if uniform:
+            q = gre_signal(torch.ones_like(amp[sl]), r2s[sl], field[sl], float(steps[0]))
+            for _ in tes[1:]:
+                out.append(out[-1] * q)
         else:
-            part[sl] = truncate_axis(sig, 2, acq[2])
-    for axis in (0, 1):
-        part = truncate_axis(part, axis, acq[axis])
-    return part
+            out += [gre_signal(amp[sl], r2s[sl], field[sl], te) for te in tes[1:]]
+        return out
+
+    return _reduce_chunked(make, tuple(amp.shape), len(tes), grids, two_d)
 
 
-def _signal_acquired(amp, r2s, field, te: float, grids: Grids, two_d: bool) -> torch.Tensor:
-    """GRE signal at echo time `te` (s) formed on the fine grid, reduced to the acquired grid."""
-    return _reduce_chunked(
-        lambda sl: gre_signal(amp[sl], r2s[sl], field[sl], te), tuple(amp.shape), grids, two_d
-    )
-
-
-def _lattice_noise(lattice: Grid, rng: np.random.Generator, channels: int) -> torch.Tensor:
-    noise = rng.normal(0, 1, (channels, *lattice.shape))
-    noise = np.stack([ndi.gaussian_filter(c, 1.0, mode="nearest") for c in noise])
-    noise /= max(float(noise.std()), 1e-9)
-    return torch.from_numpy(np.clip(noise, -3, 3).astype(np.float32))
+def _lattice_noise(tr: SubjectTransform, rng: np.random.Generator, channels: int) -> torch.Tensor:
+    """Smooth tissue texture (16–40 mm waves on template positions) on the transform's lattice."""
+    lattice = tr.lattice
+    nodes = lattice.to_world(np.indices(lattice.shape).reshape(3, -1).T)
+    noise = random_waves(tr.affine_to_template(nodes), rng, channels, (16.0, 40.0))
+    return torch.from_numpy(np.clip(noise, -3, 3).reshape(channels, *lattice.shape).astype(np.float32))
 
 
 def _split_overrides(overrides: dict) -> tuple[dict, dict]:
@@ -220,7 +230,7 @@ def simulate_subject(
     rot = proto.rotation
     c_lo = grids.coarse.origin @ rot
     tr = add_deformation(tr, tpl, rot, c_lo, c_lo + grids.coarse.fov, rng["deform"])
-    texture_lat = _lattice_noise(tr.lattice, rng["texture"], 2)
+    texture_lat = _lattice_noise(tr, rng["texture"], 2)
     two_d = proto.mr_acquisition_type == "2D"
     timings["grids"] = time.perf_counter() - t
 
@@ -310,8 +320,8 @@ def simulate_subject(
     chi_acq = None
     if kind == "qsm":
         chi_acq = _reduce_chunked(
-            lambda sl, c=chi: c[sl].to(torch.complex64), tuple(chi.shape), grids, two_d
-        ).real.contiguous()
+            lambda sl, c=chi: [c[sl].to(torch.complex64)], tuple(chi.shape), 1, grids, two_d
+        )[0].real.contiguous()
     if debug is not None:
         debug.update(
             grids=grids,
@@ -327,7 +337,7 @@ def simulate_subject(
     t = time.perf_counter()
     tes = proto.echo_times_s
     sim_tes = [tes[len(tes) // 2]] if kind == "qsm" else tes
-    signals = [_signal_acquired(amp, r2s, field, te, grids, two_d) for te in sim_tes]
+    signals = _signals_acquired(amp, r2s, field, sim_tes, grids, two_d)
     timings["signal"] = time.perf_counter() - t
 
     if debug is not None:
@@ -527,6 +537,9 @@ def _encode(
         ints = np.clip(np.rint(data / slope), -32768, 32767).astype(np.int16)
         img = nib.Nifti1Image(ints, affine)
         img.header.set_slope_inter(slope, 0.0)
+        _set_header(img, affine)
+        # as if read from disk: get_fdata() and dataobj apply scl_slope like for a file
+        return nib.Nifti1Image.from_bytes(img.to_bytes())
     else:
         if not is_phase and key != "Chimap":
             data = data * np.float32(1000.0 / max(float(np.percentile(np.abs(data), 99)), 1e-12))

@@ -5,7 +5,8 @@ Pull-back (what resampling needs): ``x_t = L · (x_s − t) + u(x_s)`` with
 * ``L = (R_pose · S)⁻¹``: a random head pose (pitch ±15°, roll and yaw ±5°) and head size
   (global scale 0.92–1.08, per axis 0.96–1.04),
 * ``t``: the scanner position (mm) of the template origin (the head near the isocentre),
-* ``u``: a smooth random displacement (mm, RMS 1–3 mm, correlation length about 20 mm)
+* ``u``: a smooth random displacement (mm, RMS 1–3 mm, a sum of plane waves of 40–100 mm
+  wavelength defined on template positions, so that it does not depend on the acquisition)
   plus a ventricular enlargement (0–4 mm, pulling template samples towards the lateral
   ventricles so that they appear larger), stored on a lattice of 8 mm in the acquisition
   frame and interpolated linearly.
@@ -70,7 +71,7 @@ class SubjectTransform:
         """Scanner mm (n, 3) -> template mm (n, 3)."""
         return self.affine_to_template(points_s) + self.displacement(points_s)
 
-    def to_scanner(self, points_t: np.ndarray, iterations: int = 12) -> np.ndarray:
+    def to_scanner(self, points_t: np.ndarray, iterations: int = 8) -> np.ndarray:
         """Template mm (n, 3) -> scanner mm (n, 3), by fixed-point inversion."""
         pts_t = np.asarray(points_t, float)
         xs = self.affine_to_scanner(pts_t)
@@ -116,6 +117,19 @@ def sample_pose(rng: np.random.Generator) -> SubjectTransform:
     return SubjectTransform(forward_linear=forward, centre=centre)
 
 
+def random_waves(
+    points: np.ndarray, rng: np.random.Generator, channels: int, wavelength_mm: tuple[float, float], n_waves: int = 24
+) -> np.ndarray:
+    """Smooth random field (channels, n) with unit variance per channel: a sum of plane waves
+    with random directions, wavelengths in `wavelength_mm`, phases and Gaussian amplitudes."""
+    direc = rng.normal(0, 1, (n_waves, 3))
+    direc /= np.linalg.norm(direc, axis=1, keepdims=True)
+    k = direc * (2 * np.pi / rng.uniform(*wavelength_mm, (n_waves, 1)))
+    phase = rng.uniform(0, 2 * np.pi, n_waves)
+    amp = rng.normal(0, 1, (channels, n_waves)) / np.sqrt(n_waves / 2.0)
+    return amp @ np.cos(np.asarray(points, float) @ k.T + phase).T
+
+
 def add_deformation(
     tr: SubjectTransform,
     tpl: TemplateAnatomy,
@@ -138,15 +152,15 @@ def add_deformation(
         origin=rotation @ lo, rotation=rotation, spacing=np.full(3, LATTICE_MM), shape=shape
     )
     rms = rng.uniform(1.0, 3.0) if rms_mm is None else rms_mm
-    noise = rng.normal(0, 1, (3, *shape))
-    noise = np.stack([ndi.gaussian_filter(c, 2.5, mode="nearest") for c in noise])
-    noise *= rms / max(float(np.sqrt((noise**2).sum(0).mean())), 1e-9)
-    # ventricular enlargement: pull samples up the gradient of the smoothed ventricle map
     vent = rng.uniform(0.0, 4.0) if ventricle_mm is None else ventricle_mm
     nodes = lattice.to_world(np.indices(shape).reshape(3, -1).T)
     y = tr.affine_to_template(nodes)
+    # the random field is a function of template position, so that the anatomy of a subject
+    # does not depend on the acquisition (lattice orientation, field of view)
+    noise = random_waves(y, rng, 3, (40.0, 100.0)) * (rms / np.sqrt(3.0))
+    # ventricular enlargement: pull samples up the gradient of the smoothed ventricle map
     grad = tpl.gradient(tpl.vent_smooth, y, h=1.0)
     gmax = max(float(np.linalg.norm(grad, axis=1).max()), 1e-9)
     pull = (vent / gmax) * grad
-    disp = (noise.reshape(3, -1) + pull.T).reshape(3, *shape).astype(np.float32)
+    disp = (noise + pull.T).reshape(3, *shape).astype(np.float32)
     return SubjectTransform(tr.forward_linear, tr.centre, lattice=lattice, disp=disp)

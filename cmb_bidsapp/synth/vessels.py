@@ -11,6 +11,9 @@ where they hold venous blood (paramagnetic, χ 0.30–0.50 ppm against CSF, R2* 
 * Cortical (pial and sulcal) veins (80–160): random walks on the brain surface, 0.3–1.5 mm
   below the template brain boundary (sulcal CSF and the pial surface), drifting upwards
   towards the superior sagittal sinus; 0.6–1.5 mm thick, 20–80 mm long.
+The medullary and cortical veins are traced once into a pool (1200 and 800 veins, fixed seed,
+cached on disk beside the template); each subject draws its own subset, radii and deformation.
+
 * Named veins (control points in MNI space, jittered by 1.5 mm): internal cerebral veins,
   thalamostriate veins, basal veins of Rosenthal, the great vein of Galen, the straight sinus,
   the superior sagittal sinus (traced over the midline brain surface, 3–7 mm wide) and the
@@ -233,45 +236,91 @@ def _named_veins(tpl: TemplateAnatomy, rng: np.random.Generator):
     return out
 
 
+POOL_SEED = 0x5EA7
+POOL_SIZE = {"medullary": 1200, "cortical": 800}
+
+
+@lru_cache(maxsize=2)
+def vein_pool(tpl: TemplateAnatomy) -> dict[str, dict[str, np.ndarray]]:
+    """Traced medullary and cortical veins (template mm), a fixed pool each subject draws from.
+
+    Tracing is the slow part of vein generation, so it is done once (fixed seed) and cached on
+    disk beside the template; each subject draws its own subset, radii and deformation.
+    Per kind: ``points`` (n, 3) at 0.25 mm steps, ``tangent`` (n, 3), ``s`` (arc fraction 0..1),
+    ``start`` (first point of each vein), ``radius`` (mm, per vein).
+    """
+    from .anatomy import cache_dir, load_cached, save_cached
+
+    folder = cache_dir("veins")
+    keys = tuple(f"{kind}_{field}" for kind in POOL_SIZE for field in ("points", "tangent", "s", "start", "radius"))
+    got = load_cached(folder, keys)
+    if got is None:
+        rng = np.random.default_rng(POOL_SEED)
+        got = {}
+        for kind, tracer in (("medullary", _trace_medullary), ("cortical", _trace_cortical)):
+            path, alive, radius = tracer(tpl, rng, POOL_SIZE[kind])
+            pts, tan, arc, start, rad = [], [], [], [], []
+            n_done = 0
+            for v in range(path.shape[1]):
+                keep = path[: int(alive[:, v].sum()) + 1, v]
+                if len(keep) < 2:
+                    continue
+                dense, frac = _spline(keep[:: max(1, len(keep) // 12)] if len(keep) > 24 else keep, 0.25)
+                pts.append(dense)
+                tan.append(_unit(np.gradient(dense, axis=0)))
+                arc.append(frac)
+                start.append(n_done)
+                rad.append(radius[v])
+                n_done += len(dense)
+            got[f"{kind}_points"] = np.concatenate(pts).astype(np.float32)
+            got[f"{kind}_tangent"] = np.concatenate(tan).astype(np.float32)
+            got[f"{kind}_s"] = np.concatenate(arc).astype(np.float32)
+            got[f"{kind}_start"] = np.asarray(start, np.int64)
+            got[f"{kind}_radius"] = np.asarray(rad, np.float32)
+        save_cached(folder, got)
+    return {
+        kind: {field: got[f"{kind}_{field}"] for field in ("points", "tangent", "s", "start", "radius")}
+        for kind in POOL_SIZE
+    }
+
+
 def sample_veins(
     tpl: TemplateAnatomy,
     rng: np.random.Generator,
     n_medullary: int | None = None,
     n_cortical: int | None = None,
 ) -> VesselSet:
-    """Draw the veins of one subject (template mm)."""
+    """Draw the veins of one subject (template mm): a subset of the traced pool with new radii,
+    plus the named veins and sinuses (jittered)."""
     n_med = int(rng.integers(80, 201)) if n_medullary is None else int(n_medullary)
     n_cor = int(rng.integers(80, 161)) if n_cortical is None else int(n_cortical)
     pts_all, rad_all, tan_all, ves_all, kinds = [], [], [], [], []
-
-    def add(points: np.ndarray, radius: np.ndarray, kind: str) -> None:
-        if len(points) < 2:
-            return
-        tangent = _unit(np.gradient(points, axis=0))
-        pts_all.append(points)
-        rad_all.append(np.broadcast_to(radius, (len(points),)).astype(float))
-        tan_all.append(tangent)
-        ves_all.append(np.full(len(points), len(kinds)))
-        kinds.append(kind)
-
-    for tracer, n, kind in (
-        (_trace_medullary, n_med, "medullary"),
-        (_trace_cortical, n_cor, "cortical"),
-    ):
-        if n <= 0:
+    pool = vein_pool(tpl)
+    for kind, n in (("medullary", n_med), ("cortical", n_cor)):
+        p = pool[kind]
+        n_pool = len(p["start"])
+        n = min(max(n, 0), n_pool)
+        if n == 0:
             continue
-        path, alive, radius = tracer(tpl, rng, n)
-        for v in range(n):
-            keep = path[: int(alive[:, v].sum()) + 1, v]
-            # densify to 0.25 mm and taper the last third
-            if len(keep) >= 2:
-                dense, s = _spline(
-                    keep[:: max(1, len(keep) // 12)] if len(keep) > 24 else keep, 0.25
-                )
-                taper = np.clip(1.2 - 0.6 * s, 0.6, 1.0)
-                add(dense, radius[v] * taper, kind)
+        chosen = np.sort(rng.choice(n_pool, n, replace=False))
+        ends = np.r_[p["start"][1:], len(p["points"])]
+        lo, hi = (0.25, 0.5) if kind == "medullary" else (0.3, 0.75)
+        for v in chosen:
+            sl = slice(int(p["start"][v]), int(ends[v]))
+            taper = np.clip(1.2 - 0.6 * p["s"][sl], 0.6, 1.0)
+            pts_all.append(p["points"][sl].astype(float))
+            tan_all.append(p["tangent"][sl].astype(float))
+            rad_all.append(rng.uniform(lo, hi) * taper)
+            ves_all.append(np.full(sl.stop - sl.start, len(kinds)))
+            kinds.append(kind)
     for name, points, radius in _named_veins(tpl, rng):
-        add(points, radius, name)
+        if len(points) < 2:
+            continue
+        pts_all.append(points)
+        tan_all.append(_unit(np.gradient(points, axis=0)))
+        rad_all.append(np.broadcast_to(radius, (len(points),)).astype(float))
+        ves_all.append(np.full(len(points), len(kinds)))
+        kinds.append(name)
     return VesselSet(
         points=np.concatenate(pts_all),
         radius=np.concatenate(rad_all),
