@@ -267,10 +267,6 @@ def _run(cmd: list[str], env: dict[str, str], timeout: int = 900) -> subprocess.
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
     """Two small simulated subjects."""
-    import importlib.util  # TEMPORARY gate while the simulator is written
-
-    if importlib.util.find_spec("cmb_bidsapp.cli.synth") is None:
-        pytest.skip("cmb-bidsapp-synth (cmb_bidsapp.cli.synth) does not exist yet")
     root = tmp_path_factory.mktemp("slurm_e2e")
     _run(
         [str(BIN / "cmb-bidsapp-synth"), str(root / "bids"), "--n-subjects", "2"]
