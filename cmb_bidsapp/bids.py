@@ -437,7 +437,7 @@ def collect_inputs(
         inputs.append(image)
 
     if not inputs:
-        what = "any input image" if input_kind == "auto" else f"an input of kind '{input_kind}'"
+        what = "input image" if input_kind == "auto" else f"input of kind '{input_kind}'"
         sel = []
         if participant_labels:
             sel.append(f"participants {', '.join(participant_labels)}")
@@ -446,7 +446,7 @@ def collect_inputs(
         if filters:
             sel.append("the filter file")
         raise NoMatchError(
-            f"has no {what}" + (f" for {' and '.join(sel)}" if sel else ""),
+            f"contains no {what}" + (f" for {' and '.join(sel)}" if sel else ""),
             path=bids_dir,
             fix="Inputs are *_swi, *_T2starw, *_echo-<n>_MEGRE or *_Chimap NIfTI files in anat/; check --participant-label, --session-label, --input-kind and the filter file.",
         )
