@@ -138,13 +138,19 @@ def upsample2(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     return up[: shape[0], : shape[1], : shape[2]].contiguous()
 
 
-def truncate_axis(x: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
+def truncate_axis(
+    x: torch.Tensor, dim: int, n_out: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keep the central `n_out` k-space samples of `x` along `dim` (complex in, complex out).
 
     Values are scaled so that a constant is preserved. Sample 0 stays at the same place.
+    `out` (optional) receives the result.
     """
     n_in = x.shape[dim]
     if n_out == n_in:
+        if out is not None:
+            out.copy_(x)
+            return out
         return x
     k = torch.fft.fft(x, dim=dim)
     keep_pos = (n_out + 1) // 2
@@ -156,7 +162,10 @@ def truncate_axis(x: torch.Tensor, dim: int, n_out: int) -> torch.Tensor:
     if keep_neg:
         kept.narrow(dim, keep_pos, keep_neg).copy_(k.narrow(dim, n_in - keep_neg, keep_neg))
     del k
-    out = torch.fft.ifft(kept, dim=dim)
+    if out is None:
+        out = torch.fft.ifft(kept, dim=dim)
+    else:
+        torch.fft.ifft(kept, dim=dim, out=out)
     out.mul_(n_out / n_in)
     return out
 

@@ -92,24 +92,19 @@ def dipole_kernel(
     kx, ky, kz = ks
     k2 = kx * kx + ky * ky
     k2 = k2 + kz * kz
-    zero = k2 == 0
-    k2[zero] = 1.0
+    k2.clamp_(min=1e-30)  # only k = 0 is 0; its value is set below
     kb.div_(k2).neg_().add_(1.0 / 3.0)
-    kb[zero.expand_as(kb)] = 0.0
+    if rows is None or rows.start in (0, None):
+        kb[0, 0, 0] = 0.0
     return kb
 
 
 def apply_dipole_kernel_(
-    spec: torch.Tensor,
-    shape: tuple[int, int, int],
-    spacing: np.ndarray,
-    b0_dir: np.ndarray,
-    slab: int = 48,
+    spec: torch.Tensor, shape: tuple[int, int, int], spacing: np.ndarray, b0_dir: np.ndarray
 ) -> torch.Tensor:
-    """Multiply an rFFT spectrum of `shape` by D(k) in place, slab by slab (little memory)."""
-    for i0 in range(0, spec.shape[0], slab):
-        rows = slice(i0, min(i0 + slab, spec.shape[0]))
-        spec[rows] *= dipole_kernel(shape, spacing, b0_dir, real=True, rows=rows)
+    """Multiply an rFFT spectrum of `shape` by D(k) in place."""
+    kernel = dipole_kernel(shape, spacing, b0_dir, real=True)
+    torch.view_as_real(spec).mul_(kernel[..., None])
     return spec
 
 

@@ -36,7 +36,7 @@ def _vox(affine: np.ndarray, xyz) -> np.ndarray:
 
 def _window(data: np.ndarray, kind: str) -> tuple[float, float]:
     if kind == "qsm":
-        return -0.15, 0.3
+        return -0.1, 0.2
     vals = data[data > 0]
     if not vals.size:
         return 0.0, 1.0

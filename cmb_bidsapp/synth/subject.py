@@ -126,14 +126,17 @@ def _surface_points(tpl: TemplateAnatomy) -> tuple[np.ndarray, np.ndarray]:
     return brain_surface_points(tpl, 14.0, step=3), brain_surface_points(tpl, 0.0, step=2)
 
 
-def _reduce_volume(sig: torch.Tensor, grids: Grids, two_d: bool) -> torch.Tensor:
+def _reduce_volume(sig: torch.Tensor, grids: Grids, two_d: bool, out: torch.Tensor) -> None:
     acq = grids.acquired.shape
     if two_d:
-        return slice_average(sig, 2, acq[2], grids.n_pitch, grids.n_sub)
-    return truncate_axis(sig, 2, acq[2])
+        out.copy_(slice_average(sig, 2, acq[2], grids.n_pitch, grids.n_sub))
+    else:
+        truncate_axis(sig, 2, acq[2], out=out)
 
 
-def _reduce_chunked(make, shape, n_out: int, grids: Grids, two_d: bool, chunk: int = 24) -> list[torch.Tensor]:
+def _reduce_chunked(
+    make, shape, n_out: int, grids: Grids, two_d: bool, chunk: int = 24
+) -> list[torch.Tensor]:
     """Reduce `n_out` fine-grid complex volumes produced slab by slab by ``make(slice)``.
 
     ``make`` returns a list of `n_out` complex slabs (first axis). Each slab is reduced along
@@ -146,7 +149,7 @@ def _reduce_chunked(make, shape, n_out: int, grids: Grids, two_d: bool, chunk: i
     for i in range(0, n0, chunk):
         sl = slice(i, min(i + chunk, n0))
         for part, sig in zip(parts, make(sl)):
-            part[sl] = _reduce_volume(sig, grids, two_d)
+            _reduce_volume(sig, grids, two_d, part[sl])
     out = []
     for part in parts:
         for axis in (0, 1):
@@ -155,7 +158,9 @@ def _reduce_chunked(make, shape, n_out: int, grids: Grids, two_d: bool, chunk: i
     return out
 
 
-def _signals_acquired(amp, r2s, field, tes: list[float], grids: Grids, two_d: bool) -> list[torch.Tensor]:
+def _signals_acquired(
+    amp, r2s, field, tes: list[float], grids: Grids, two_d: bool
+) -> list[torch.Tensor]:
     """GRE signals at echo times `tes` (s), formed on the fine grid, reduced to the acquired grid.
 
     Equally spaced echoes use S(TE + ΔTE) = S(TE) · exp(−(R2* + iγΔB)·ΔTE).
@@ -182,7 +187,9 @@ def _lattice_noise(tr: SubjectTransform, rng: np.random.Generator, channels: int
     lattice = tr.lattice
     nodes = lattice.to_world(np.indices(lattice.shape).reshape(3, -1).T)
     noise = random_waves(tr.affine_to_template(nodes), rng, channels, (16.0, 40.0))
-    return torch.from_numpy(np.clip(noise, -3, 3).reshape(channels, *lattice.shape).astype(np.float32))
+    return torch.from_numpy(
+        np.clip(noise, -3, 3).reshape(channels, *lattice.shape).astype(np.float32)
+    )
 
 
 def _split_overrides(overrides: dict) -> tuple[dict, dict]:
@@ -273,8 +280,9 @@ def simulate_subject(
     veins = sample_veins(
         tpl, rng["veins"], lesion_over.get("n_medullary"), lesion_over.get("n_cortical")
     )
-    vein_vox = fine.to_voxel(tr.to_scanner(veins.points))
-    cov = stamp_tubes(fine.shape, fine.spacing, vein_vox, veins.radius).view(-1)
+    drawn = veins.decimated(float(fine.spacing.min()))
+    vein_vox = fine.to_voxel(tr.to_scanner(drawn.points))
+    cov = stamp_tubes(fine.shape, fine.spacing, vein_vox, drawn.radius).view(-1)
     idx = cov.nonzero().squeeze(1)
     w = cov[idx]
     del cov

@@ -118,7 +118,11 @@ def sample_pose(rng: np.random.Generator) -> SubjectTransform:
 
 
 def random_waves(
-    points: np.ndarray, rng: np.random.Generator, channels: int, wavelength_mm: tuple[float, float], n_waves: int = 24
+    points: np.ndarray,
+    rng: np.random.Generator,
+    channels: int,
+    wavelength_mm: tuple[float, float],
+    n_waves: int = 24,
 ) -> np.ndarray:
     """Smooth random field (channels, n) with unit variance per channel: a sum of plane waves
     with random directions, wavelengths in `wavelength_mm`, phases and Gaussian amplitudes."""

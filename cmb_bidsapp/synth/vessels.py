@@ -47,6 +47,22 @@ class VesselSet:
     def __len__(self) -> int:
         return len(self.points)
 
+    def decimated(self, grid_step_mm: float) -> VesselSet:
+        """Fewer centre-line points where the grid or the vessel is coarse: points at most
+        0.4 · max(grid step, radius) apart (enough for a smooth union of spheres)."""
+        step = np.linalg.norm(np.diff(self.points, axis=0), axis=1)
+        same = self.vessel[1:] == self.vessel[:-1]
+        arc = np.concatenate([[0.0], np.cumsum(np.where(same, step, 0.0))])
+        target = 0.4 * np.maximum(grid_step_mm, self.radius)
+        bucket = np.floor(arc / target).astype(np.int64)
+        keep = np.ones(len(self.points), bool)
+        keep[1:] = (bucket[1:] != bucket[:-1]) | ~same
+        keep[:-1] |= ~same  # last point of each vessel
+        keep[-1] = True
+        return VesselSet(
+            self.points[keep], self.radius[keep], self.tangent[keep], self.vessel[keep], self.kinds
+        )
+
 
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-9)
@@ -252,7 +268,11 @@ def vein_pool(tpl: TemplateAnatomy) -> dict[str, dict[str, np.ndarray]]:
     from .anatomy import cache_dir, load_cached, save_cached
 
     folder = cache_dir("veins")
-    keys = tuple(f"{kind}_{field}" for kind in POOL_SIZE for field in ("points", "tangent", "s", "start", "radius"))
+    keys = tuple(
+        f"{kind}_{field}"
+        for kind in POOL_SIZE
+        for field in ("points", "tangent", "s", "start", "radius")
+    )
     got = load_cached(folder, keys)
     if got is None:
         rng = np.random.default_rng(POOL_SEED)
@@ -265,7 +285,9 @@ def vein_pool(tpl: TemplateAnatomy) -> dict[str, dict[str, np.ndarray]]:
                 keep = path[: int(alive[:, v].sum()) + 1, v]
                 if len(keep) < 2:
                     continue
-                dense, frac = _spline(keep[:: max(1, len(keep) // 12)] if len(keep) > 24 else keep, 0.25)
+                dense, frac = _spline(
+                    keep[:: max(1, len(keep) // 12)] if len(keep) > 24 else keep, 0.25
+                )
                 pts.append(dense)
                 tan.append(_unit(np.gradient(dense, axis=0)))
                 arc.append(frac)
@@ -279,7 +301,9 @@ def vein_pool(tpl: TemplateAnatomy) -> dict[str, dict[str, np.ndarray]]:
             got[f"{kind}_radius"] = np.asarray(rad, np.float32)
         save_cached(folder, got)
     return {
-        kind: {field: got[f"{kind}_{field}"] for field in ("points", "tangent", "s", "start", "radius")}
+        kind: {
+            field: got[f"{kind}_{field}"] for field in ("points", "tangent", "s", "start", "radius")
+        }
         for kind in POOL_SIZE
     }
 
@@ -336,7 +360,7 @@ def stamp_tubes(
     centres_vox: np.ndarray,
     radius_mm: np.ndarray,
     out: torch.Tensor | None = None,
-    chunk: int = 4_000_000,
+    chunk: int = 1_000_000,
 ) -> torch.Tensor:
     """Partial-volume occupancy (0..1, max over points) of spheres along centre lines.
 
@@ -366,13 +390,17 @@ def stamp_tubes(
         c = centres_vox[sel]
         r = radius_mm[sel]
         per = max(1, chunk // len(off))
+        off_t = torch.from_numpy(off.astype(np.int64))
+        sp_t = torch.as_tensor(spacing, dtype=torch.float32)
+        shape_t = torch.as_tensor(shape, dtype=torch.int64)
+        strides_t = torch.from_numpy(strides)
         for start in range(0, len(c), per):
-            cc, rr = c[start : start + per], r[start : start + per]
-            base = np.rint(cc).astype(np.int64)
-            vox = base[:, None, :] + off[None, :, :]
-            dmm = np.linalg.norm((vox - cc[:, None, :]) * spacing, axis=2)
-            cov = np.clip((rr[:, None] - dmm) / width + 0.5, 0.0, 1.0).astype(np.float32)
-            ok = (cov > 0) & np.all((vox >= 0) & (vox < np.asarray(shape)), axis=2)
-            idx = (vox[ok] * strides).sum(1)
-            flat.scatter_reduce_(0, torch.from_numpy(idx), torch.from_numpy(cov[ok]), reduce="amax")
+            cc = torch.from_numpy(c[start : start + per].astype(np.float32))
+            rr = torch.from_numpy(r[start : start + per].astype(np.float32))
+            vox = torch.round(cc).to(torch.int64)[:, None, :] + off_t[None, :, :]
+            dmm = ((vox.to(torch.float32) - cc[:, None, :]) * sp_t).norm(dim=2)
+            cov = ((rr[:, None] - dmm) / width + 0.5).clamp_(0.0, 1.0)
+            ok = (cov > 0) & ((vox >= 0) & (vox < shape_t)).all(dim=2)
+            idx = (vox[ok] * strides_t).sum(1)
+            flat.scatter_reduce_(0, idx, cov[ok], reduce="amax")
     return out
