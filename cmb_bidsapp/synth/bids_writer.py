@@ -150,7 +150,7 @@ def raw_description(settings: dict) -> dict:
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "raw",
         "License": "CC0-1.0",
-        "Authors": ["cmb-bidsapp developers (simulated data)"],
+        "Authors": ["cmb-bidsapp developers", "cmb-bidsapp-synth (simulated data)"],
         "GeneratedBy": [_generated_by()],
         "HowToAcknowledge": "Simulated with cmb-bidsapp-synth; no real subjects.",
     }
@@ -196,6 +196,17 @@ calcification (diamagnetic) positive.
 """
 
 
+REFERENCE_README = """# Reference of a simulated cerebral microbleed cohort
+
+Written by `cmb-bidsapp-synth` (cmb-bidsapp {version}) beside the raw dataset two folders up.
+Per subject, in the grid of its raw image: `_label-CMB_mask` (the visible extent of each
+simulated microbleed, defined from the simulated signal; see the mask's sidecar),
+`_desc-brain_mask` (the true brain), `_desc-CMB_lesions.tsv` (one row per simulated
+microbleed, visible or not) and `_desc-mimics_lesions.tsv` (calcifications, veins running
+through the slice, flow voids, air/bone artefact zones). `figures/` holds previews.
+"""
+
+
 def write_dataset_files(out_dir: Path, settings: dict, participants: pd.DataFrame) -> None:
     """Top-level files of the raw and the reference datasets (after all subjects)."""
     out_dir = Path(out_dir)
@@ -206,6 +217,7 @@ def write_dataset_files(out_dir: Path, settings: dict, participants: pd.DataFram
     atomic_write_text(out_dir / "participants.tsv", _tsv(participants))
     atomic_write_json(out_dir / "participants.json", PARTICIPANTS_DICTIONARY)
     atomic_write_json(ref / "dataset_description.json", reference_description(settings))
+    atomic_write_text(ref / "README", REFERENCE_README.format(version=__version__))
     atomic_write_text(ref / ".bidsignore", "*_lesions.tsv\n*_lesions.json\nfigures/\n**/figures\n")
 
 

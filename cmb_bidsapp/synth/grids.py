@@ -124,18 +124,22 @@ def resample_aligned(x: torch.Tensor, src: Grid, dst: Grid) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out))
 
 
-def upsample2(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+def upsample2(
+    x: torch.Tensor, shape: tuple[int, int, int], contiguous: bool = True
+) -> torch.Tensor:
     """Linear upsampling by 2 with coinciding sample 0 (fine sample 2i = coarse sample i).
 
     One border sample is appended along each axis, then torch's multithreaded trilinear
     interpolation with ``align_corners=True`` to 2(n+1) − 1 samples maps output j to input
-    j / 2 exactly; the result is cropped to `shape` (each at most 2n).
+    j / 2 exactly; the result is cropped to `shape` (each at most 2n), a copy unless
+    `contiguous` is False (then a view).
     """
     t = torch.as_tensor(x, dtype=torch.float32)
     t = torch.nn.functional.pad(t[None, None], (0, 1, 0, 1, 0, 1), mode="replicate")
     size = tuple(2 * n - 1 for n in t.shape[2:])
     up = torch.nn.functional.interpolate(t, size=size, mode="trilinear", align_corners=True)[0, 0]
-    return up[: shape[0], : shape[1], : shape[2]].contiguous()
+    up = up[: shape[0], : shape[1], : shape[2]]
+    return up.contiguous() if contiguous else up
 
 
 def truncate_axis(

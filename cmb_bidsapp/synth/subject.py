@@ -33,7 +33,7 @@ from scipy import ndimage as ndi
 from .. import __version__
 from .acquisition import Grids, Protocol, make_grids, sample_protocol, storage_transform, to_storage
 from .anatomy import TemplateAnatomy, brain_surface_points, load_template_anatomy
-from .grids import Grid, b0_direction, resample_aligned, slice_average, truncate_axis
+from .grids import Grid, b0_direction, resample_aligned, slice_average, truncate_axis, upsample2
 from .lesions import (
     Source,
     sample_cmb_count,
@@ -323,7 +323,12 @@ def simulate_subject(
     pad_f = padded_shape(fine.shape, (0.0, 0.0, 12.0), fine.spacing)
     field = dipole_field(chi, fine.spacing, b0_f, pad_shape=pad_f)
     bg_mid = resample_aligned(torch.from_numpy(field_c), coarse, mid)
-    field.add_(bg_mid if mid is fine else resample_aligned(bg_mid, mid, fine))
+    if mid is fine:
+        field.add_(bg_mid)
+    elif np.allclose(mid.spacing, 2 * fine.spacing) and np.allclose(mid.origin, fine.origin):
+        field.add_(upsample2(bg_mid, fine.shape, contiguous=False))
+    else:
+        field.add_(resample_aligned(bg_mid, mid, fine))
     del bg_mid
     chi_acq = None
     if kind == "qsm":
@@ -735,6 +740,13 @@ def _sidecar(key: str, proto: Protocol) -> dict:
         "MagneticFieldStrength": 3,
         "Manufacturer": "cmb-bidsapp-synth",
         "ManufacturersModelName": f"simulated {proto.kind} ({proto.size})",
+        "StationName": "cmb-bidsapp-synth",
+        "SoftwareVersions": __version__,
+        "InstitutionName": "none (simulated data)",
+        "PulseSequenceType": "spoiled gradient echo (simulated)",
+        "ScanningSequence": "GR",
+        "SequenceVariant": "SP",
+        "SequenceName": f"synth_{proto.kind}_{proto.mr_acquisition_type.lower()}",
         "MRAcquisitionType": proto.mr_acquisition_type,
         "RepetitionTime": round(proto.repetition_time_s, 6),
         "FlipAngle": round(proto.flip_angle_deg, 3),
@@ -758,5 +770,4 @@ def _sidecar(key: str, proto: Protocol) -> dict:
         meta["PhaseConvention"] = PHASE_CONVENTION
     if proto.mr_acquisition_type == "2D" and proto.slice_gap_mm > 0:
         meta["SpacingBetweenSlices"] = round(float(proto.voxel_mm[2] + proto.slice_gap_mm), 4)
-    meta["GeneratedBy"] = f"cmb-bidsapp-synth {__version__}"
     return meta

@@ -229,60 +229,76 @@ def build_maps(
     wm *= scale
     csf = brain - gm - wm
     np.maximum(csf, 0, out=csf)
-    # outer CSF from the brain surface; skull and scalp from the head-core surface
-    mod = _wave_factor(xt, params.layer_waves, 0.15)
+    # Beyond the brain only a shell of voxels can hold CSF, skull or scalp: the layers are
+    # computed there, on 1D arrays, and added into the maps.
+    total = sum(params.layers.values()) * 1.3 + 2.0  # thickness modulation is at most ±30 %
+    shell = np.flatnonzero((d > -1.0) & (dh < total))
+    ds, dhs = d.reshape(-1)[shell], dh.reshape(-1)[shell]
+    xs = xt.reshape(3, -1)[:, shell]
+    mod = _wave_factor(xs, params.layer_waves, 0.15)
     c = f32(params.layers["csf"]) * mod
-    beyond_csf = _ramp(d - c)
-    layers: dict[str, np.ndarray] = {"csf_out": _ramp(d) - beyond_csf}
-    prev = np.ones(shape, f32)
+    beyond_csf = _ramp(ds - c)
+    layers: dict[str, np.ndarray] = {"csf_out": _ramp(ds) - beyond_csf}
+    prev = np.ones(len(shell), f32)
     edge = c.copy()
     for name, key in zip(
         ("bone_in", "marrow", "bone_out", "scalp"), ("inner", "marrow", "outer", "scalp")
     ):
         edge += f32(params.layers[key]) * mod
-        beyond = _ramp(dh - edge)
+        beyond = _ramp(dhs - edge)
         layers[name] = (prev - beyond) * beyond_csf
         prev = beyond
     # deep inside the core (skull base, face): 70 % soft tissue, 30 % bone
-    fill = beyond_csf * _ramp(-dh - 2.0) * f32(0.7)
+    fill = beyond_csf * _ramp(-dhs - 2.0) * f32(0.7)
     layers["bone_in"] -= fill
     layers["scalp"] += fill
-    del edge, beyond_csf, fill
     # sinuses: air replaces bone, marrow and scalp (never brain or its CSF layer)
-    air = np.zeros(shape, f32)
+    air = np.zeros(len(shell), f32)
     for _name, centre, semi in params.sinuses:
-        box = _box((centre - semi, centre + semi), shape, tr, grid)
-        if box is None:
+        near = np.all(np.abs(xs - centre[:, None].astype(f32)) <= semi[:, None].astype(f32), axis=0)
+        if not near.any():
             continue
-        q = sum(((xt[a][box] - f32(centre[a])) / f32(semi[a])) ** 2 for a in range(3))
+        q = sum(((xs[a][near] - f32(centre[a])) / f32(semi[a])) ** 2 for a in range(3))
         inside = np.clip((1.0 - np.sqrt(q)) * f32(min(semi)) + 0.5, 0, 1)
-        np.maximum(air[box], inside, out=air[box])
+        air[near] = np.maximum(air[near], inside)
     if air.any():
-        air *= np.clip(d - (c + 0.5), 0, 1)
+        air *= np.clip(ds - (c + 0.5), 0, 1)
         keep = 1.0 - air
         for name in ("bone_in", "marrow", "bone_out", "scalp"):
             layers[name] *= keep
-    del mod, c, prev
-    fractions = {"gm": gm, "wm": wm, "csf": csf, **layers}
-    mapping = {
-        "gm": "gm", "wm": "wm", "csf": "csf", "csf_out": "csf", "bone_in": "bone",
-        "bone_out": "bone", "marrow": "marrow", "scalp": "scalp",
-    }  # fmt: skip
-    chi_head = np.zeros(shape, f32)
-    for frac_name, t in mapping.items():
-        chi_head += fractions[frac_name] * f32(params.values[t][4])
-    out = {"chi_head": chi_head, "brain": brain, "dist": d}
+    del mod, c, prev, edge, beyond_csf, fill, air
+    brain_part = {"gm": gm, "wm": wm, "csf": csf}
+    layer_tissue = {
+        "csf_out": "csf",
+        "bone_in": "bone",
+        "bone_out": "bone",
+        "marrow": "marrow",
+        "scalp": "scalp",
+    }
+
+    def combine(column: int, values_of=None) -> np.ndarray:
+        """Σ fraction × tissue value: full grid for the brain, shell for the layers."""
+        get = values_of or (lambda t: params.values[t][column])
+        full = np.zeros(shape, f32)
+        for name, frac in brain_part.items():
+            v = get(name)
+            if v:
+                full += frac * f32(v)
+        flat = full.reshape(-1)
+        acc = np.zeros(len(shell), f32)
+        for name, t in layer_tissue.items():
+            v = get(t)
+            if v:
+                acc += layers[name] * f32(v)
+        flat[shell] += acc
+        return full
+
+    out = {"chi_head": combine(4), "brain": brain, "dist": d}
     if head_only:
         return out
-    amp = np.zeros(shape, f32)
-    r2s = np.zeros(shape, f32)
-    chi = np.zeros(shape, f32)
-    for frac_name, t in mapping.items():
-        f = fractions[frac_name]
-        amp += f * f32(params.amplitude(t, tr_s, flip_deg))
-        r2s += f * f32(params.r2s(t))
-        if params.values[t][3]:
-            chi += f * f32(params.values[t][3])
+    amp = combine(0, lambda t: params.amplitude(t, tr_s, flip_deg))
+    r2s = combine(2)
+    chi = combine(3)
     box = _box(IRON_BOX, shape, tr, grid)
     if box is not None:
         sub = np.ascontiguousarray(xt[(slice(None), *box)])
