@@ -608,6 +608,8 @@ class DerivativesWriter:
             self._pending = None
 
     def _write_bytes(self, path: Path, data: bytes) -> Path:
+        if _same_content(path, data):
+            return path  # unchanged: keep the file (and its time stamp, which Nipype's cache uses)
         if self._pending is None:
             return atomic_write_bytes(path, data)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -745,6 +747,13 @@ class DerivativesWriter:
     def write_text(self, path: Path, text: str) -> Path:
         """Write a UTF-8 text file under OUTPUT_DIR atomically."""
         return self._write_bytes(Path(path), text.encode("utf-8"))
+
+
+def _same_content(path: Path, data: bytes) -> bool:
+    try:
+        return path.stat().st_size == len(data) and path.read_bytes() == data
+    except OSError:
+        return False
 
 
 def _read_json(path: Path) -> Any:

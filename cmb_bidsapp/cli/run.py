@@ -152,6 +152,8 @@ def run_participant(config) -> int:
 
     from ..workflows.base import collect_methods, init_cmb_wf
 
+    # Nipype copies its configuration into every node when the node is created: configure first.
+    _configure_nipype(config)
     wf = init_cmb_wf(config, runnable or inputs)
     _write_citation(config, collect_methods(wf))
     if config.boilerplate_only:
@@ -226,7 +228,6 @@ def _configure_nipype(config) -> None:
 def _run_workflow(config, wf, images) -> dict[str, Failure]:
     from .progress import Progress
 
-    _configure_nipype(config)
     labels = {i.image_id: _label(i) for i in images}
     progress = Progress(config.log_dir, list(labels), labels)
     plugin_args = dict(config.plugin_args)

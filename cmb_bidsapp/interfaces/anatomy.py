@@ -22,7 +22,9 @@ class _RegIn(BaseInterfaceInputSpec):
     in_mask = File(exists=True, mandatory=True, desc="brain mask (source grid)")
     t1w = File(exists=True, desc="a T1w of the same session")
     deformable = traits.Bool(False, usedefault=True)
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(
+        1, usedefault=True, nohash=True, desc="threads (not part of the cache key)"
+    )
 
 
 class _RegOut(TraitedSpec):

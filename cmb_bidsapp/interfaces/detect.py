@@ -20,7 +20,9 @@ class _FRSTIn(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="lesion-bright image")
     in_mask = File(exists=True, mandatory=True)
     radii_mm = traits.List(traits.Float, [1.0, 1.5, 2.0, 2.5], usedefault=True)
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(
+        1, usedefault=True, nohash=True, desc="threads (not part of the cache key)"
+    )
 
 
 class _FRSTOut(TraitedSpec):

@@ -29,7 +29,9 @@ class _LoadInputIn(BaseInterfaceInputSpec):
     echo_times = traits.List(traits.Float, desc="echo times (s)")
     kind = traits.Enum(*KINDS, mandatory=True)
     units = traits.Str("", usedefault=True, desc="the sidecar's Units (QSM)")
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(
+        1, usedefault=True, nohash=True, desc="threads (not part of the cache key)"
+    )
 
 
 class _LoadInputOut(TraitedSpec):
@@ -79,7 +81,9 @@ class _BrainIn(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
     kind = traits.Enum(*KINDS, mandatory=True)
     mode = traits.Enum("auto", "force", "skip", usedefault=True)
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(
+        1, usedefault=True, nohash=True, desc="threads (not part of the cache key)"
+    )
 
 
 class _BrainOut(TraitedSpec):
@@ -117,7 +121,9 @@ class _BiasIn(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True)
     in_mask = File(exists=True, mandatory=True)
     kind = traits.Enum(*KINDS, mandatory=True)
-    num_threads = traits.Int(1, usedefault=True)
+    num_threads = traits.Int(
+        1, usedefault=True, nohash=True, desc="threads (not part of the cache key)"
+    )
 
 
 class _BiasOut(TraitedSpec):
