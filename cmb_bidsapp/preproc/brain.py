@@ -35,10 +35,12 @@ Decides from the image alone, on a copy subsampled to about 2 mm:
    :func:`extract_brain_with_info`).
 
 Fallback (no network, about a second): on a 1.5 mm RAS grid, Gaussian smoothing (1 mm), a
-foreground threshold ``min(Otsu, 0.35 · P98)``, erosion by 4 mm (cuts the thin bridges between
+foreground threshold ``min(Otsu, 0.35 · P98)``, erosion by 6 mm (cuts the thin bridges between
 brain and scalp through the dark skull of GRE images), the connected component holding the
 deepest foreground point (largest distance to the background: the brain, not the scalp shell),
-dilation by 4 mm (an opening), a 3 mm closing, and holes filled. Distances are Euclidean in mm.
+dilation by 6 mm (an opening), a 3 mm closing, and holes filled. (6 mm rather than 4 mm:
+median Dice 0.93 instead of 0.905 on eight simulated heads, where 4 mm leaked into the scalp
+of MEGRE heads.) Distances are Euclidean in mm.
 
 ``mask_from_nonzero``: the non-zero support of an already brain-extracted image or a QSM map,
 holes filled, largest 26-connected component.
@@ -336,7 +338,7 @@ def fallback_mask(data: np.ndarray, voxel_sizes_mm: Sequence[float]) -> np.ndarr
     fg = arr > thr
     if not fg.any():
         return fg
-    erode_mm, close_mm = 4.0, 3.0
+    erode_mm, close_mm = 6.0, 3.0
     depth = ndi.distance_transform_edt(fg, sampling=vs)
     core = depth > erode_mm
     if not core.any():
