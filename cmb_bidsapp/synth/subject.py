@@ -65,6 +65,7 @@ PHASE_CONVENTION = (
     "equatorial plane; a diamagnetic calcification has the opposite pattern"
 )
 LESION_OVERRIDES = (
+    "vein_chi",
     "n_microbleeds",
     "p_no_microbleeds",
     "cmb_diameter_range",
@@ -135,19 +136,23 @@ def _reduce_volume(sig: torch.Tensor, grids: Grids, two_d: bool, out: torch.Tens
 
 
 def _reduce_chunked(
-    make, shape, n_out: int, grids: Grids, two_d: bool, chunk: int = 24
+    make, shape, n_out: int, grids: Grids, two_d: bool, chunk_voxels: int = 8_000_000, skip=None
 ) -> list[torch.Tensor]:
     """Reduce `n_out` fine-grid complex volumes produced slab by slab by ``make(slice)``.
 
     ``make`` returns a list of `n_out` complex slabs (first axis). Each slab is reduced along
     the slice axis at once, so no full fine complex volume exists in memory; the two in-plane
-    axes are reduced afterwards.
+    axes are reduced afterwards. Slabs where ``skip`` (a tensor of the fine shape) is all zero
+    are left at zero.
     """
     acq = grids.acquired.shape
     n0 = shape[0]
-    parts = [torch.empty((n0, shape[1], acq[2]), dtype=torch.complex64) for _ in range(n_out)]
+    chunk = max(8, chunk_voxels // (shape[1] * shape[2]))
+    parts = [torch.zeros((n0, shape[1], acq[2]), dtype=torch.complex64) for _ in range(n_out)]
     for i in range(0, n0, chunk):
         sl = slice(i, min(i + chunk, n0))
+        if skip is not None and not bool(skip[sl].any()):
+            continue  # only air in this slab: no signal
         for part, sig in zip(parts, make(sl)):
             _reduce_volume(sig, grids, two_d, part[sl])
     out = []
@@ -179,7 +184,7 @@ def _signals_acquired(
             out += [gre_signal(amp[sl], r2s[sl], field[sl], te) for te in tes[1:]]
         return out
 
-    return _reduce_chunked(make, tuple(amp.shape), len(tes), grids, two_d)
+    return _reduce_chunked(make, tuple(amp.shape), len(tes), grids, two_d, skip=amp)
 
 
 def _lattice_noise(tr: SubjectTransform, rng: np.random.Generator, channels: int) -> torch.Tensor:
@@ -213,7 +218,8 @@ def simulate_subject(
     field (e.g. ``echo_times_s=[0.02]``, ``snr=30``, ``orientation="oblique"``,
     ``dtype="int16"``) or ``n_microbleeds``, ``p_no_microbleeds``, ``cmb_diameter_range``
     (mm), ``cmb_chi_range`` (ppm), ``class_probabilities`` (lobar, deep, infratentorial),
-    ``mimic_rate`` (scales mimic prevalence; 0 = none), ``n_medullary``, ``n_cortical``.
+    ``mimic_rate`` (scales mimic prevalence; 0 = none), ``n_medullary``, ``n_cortical``,
+    ``vein_chi`` (ppm).
     The same arguments give the same result. `debug`, when a dict, receives intermediate
     arrays (grids, fields, noise-free signals) for inspection.
     """
@@ -333,7 +339,12 @@ def simulate_subject(
     chi_acq = None
     if kind == "qsm":
         chi_acq = _reduce_chunked(
-            lambda sl, c=chi: [c[sl].to(torch.complex64)], tuple(chi.shape), 1, grids, two_d
+            lambda sl, c=chi: [c[sl].to(torch.complex64)],
+            tuple(chi.shape),
+            1,
+            grids,
+            two_d,
+            skip=chi,
         )[0].real.contiguous()
     if debug is not None:
         debug.update(
@@ -444,7 +455,7 @@ def simulate_subject(
     mimic_rows = _mimic_table(
         mimics, stamps[len(cmbs) :], veins, tr, acq, affine, params, proto, field_c, grids, brain_c
     )
-    sidecars = {key: _sidecar(key, proto) for key in images}
+    sidecars = {key: _sidecar(key, proto, acq) for key in images}
     timings["storage"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return SimulatedSubject(
@@ -734,7 +745,7 @@ def _artefact_zones(field_c, grids, brain_c, proto, max_rows: int = 4):
     return rows
 
 
-def _sidecar(key: str, proto: Protocol) -> dict:
+def _sidecar(key: str, proto: Protocol, acq: Grid) -> dict:
     tes = proto.echo_times_s
     meta: dict = {
         "MagneticFieldStrength": 3,
@@ -768,6 +779,6 @@ def _sidecar(key: str, proto: Protocol) -> dict:
         meta["Units"] = "rad"
     if key in ("swi", "part-phase_swi") or "MEGRE" in key:
         meta["PhaseConvention"] = PHASE_CONVENTION
-    if proto.mr_acquisition_type == "2D" and proto.slice_gap_mm > 0:
-        meta["SpacingBetweenSlices"] = round(float(proto.voxel_mm[2] + proto.slice_gap_mm), 4)
+    if proto.mr_acquisition_type == "2D":
+        meta["SpacingBetweenSlices"] = round(float(acq.spacing[2]), 4)
     return meta
