@@ -23,8 +23,13 @@ Decides from the image alone, on a copy subsampled to about 2 mm:
    ``deepbet.bet.BrainExtraction.run_model``) run in-process from the TorchScript files its wheel
    ships (``site-packages/data/models``), on CPU, with ``threads`` torch threads; no temporary
    files. Threshold 0.5, largest connected component, holes filled (deepbet's post-processing).
-   The magnitude is fed as it is (``contrast="raw"``); see the report for the Dice measured on
-   simulated SWI, T2*-GRE and MEGRE heads.
+   The magnitude is fed as it is (``contrast="raw"``). Measured against the simulator's true
+   brain on simulated heads with skull (``size="small"``, 8 subjects per kind, median / min
+   Dice): SWI 0.958 / 0.938, T2*-GRE (4 mm slices) 0.945 / 0.913, MEGRE (T2*-weighted echo
+   combination) 0.964 / 0.926. deepbet's masks are about 10 % larger than the truth (outer CSF,
+   the skull base) and almost never miss brain. Feeding an inverted, T1-like contrast
+   (``contrast="invert"``) was worse (SWI 0.922, MEGRE 0.931 on two subjects). On ``full``
+   subjects (0.8-1 mm, 3.8 mm slices for T2*): Dice 0.940 (SWI), 0.958 (T2*), 0.964 (MEGRE).
 3. The 1 mm mask is mapped back to the input grid by trilinear interpolation of the mask and a
    0.5 threshold, then its largest 26-connected component is kept and holes are filled.
 4. Plausibility: the mask volume must be within [800 · f, 2400] cm³ where ``f`` is the fraction

@@ -13,8 +13,10 @@ clipped to 5–200 ms. These are the optimal-combination weights (Posse et al. 1
 typical tissue. ``method="t2star-voxel"`` uses each voxel's own fitted T2* (the classic
 optimal combination); it maximises SNR per voxel but weights a blooming microbleed's short T2*
 towards the early echoes, where it is least dark. ``method="rms"``: root of the mean square of
-the echoes. The choice of the default is backed by the lesion CNR measured on simulated MEGRE
-(see the project's report for the figures).
+the echoes. The default was chosen by the lesion contrast-to-noise ratio measured on simulated
+MEGRE subjects (10 subjects, 102 reference microbleeds, TE about 5-22 ms; CNR = (median of a
+shell 2-4 voxels around the lesion − lesion mean) / robust SD of the shell), median CNR:
+``t2star`` 10.9, ``t2star-voxel`` 9.9, ``rms`` 9.2, the echo nearest 20 ms 7.7.
 
 Phase (:func:`phase_to_radians`)
 --------------------------------
