@@ -53,6 +53,20 @@ LESION_COLUMNS: dict[str, dict[str, Any]] = {
     },
 }
 
+REJECTED_COLUMNS: dict[str, dict[str, Any]] = {
+    "candidate_id": {"Description": "Candidate number (before discrimination and clean-up)."},
+    "lesion_id": {
+        "Description": "Candidate number in the lesion label map, when it was a lesion before clean-up."
+    },
+    "probability": {
+        "Description": "The candidate's score from the student classifier.",
+        "Units": "arbitrary (0-1)",
+    },
+    "rule": {
+        "Description": "What removed the candidate: the student's score below the threshold, or a clean-up rule with its measured values."
+    },
+}
+
 COUNT_COLUMNS: dict[str, dict[str, Any]] = {
     "total": {"Description": "Number of lesions in the final mask."},
     **{c: {"Description": f"Number of lesions of MARS class {c}."} for c in MARS_CLASSES},

@@ -245,9 +245,10 @@ def _run_workflow(config, wf, images) -> dict[str, Failure]:
     )
     try:
         wf.run(plugin=config.plugin, plugin_args=plugin_args)
-    except RuntimeError as err:
-        if "Workflow did not execute cleanly" not in str(err) and "crashed" not in str(err).lower():
-            raise
+    except RuntimeError:
+        # Nipype raises after running everything it could; the failed images are found below
+        # from the progress record and the crash files.
+        pass
     finally:
         progress.write_timings()
         progress.write_status(final=True)
@@ -281,9 +282,10 @@ def _read_crashfiles(log_dir: Path) -> dict[str, tuple[str, str]]:
             message = user.group(2).strip()
         else:
             last = [
-                ln
+                ln.strip()
                 for ln in text.strip().splitlines()
-                if re.match(r"^[A-Za-z_.]+(Error|Exception)\b", ln)
+                if re.match(r"^\s*[A-Za-z_.]+(Error|Exception)\b", ln)
+                and not ln.strip().startswith(("nipype.", "RuntimeError"))
             ]
             detail = last[-1][:200] if last else "unknown error"
             message = f"failed at stage '{stage}' ({detail}). This looks like a bug: re-run with -v and report it with the crash file."

@@ -21,7 +21,7 @@ from nipype.interfaces.base import (
 
 from ..bids import DerivativesWriter, InputImage
 from ..errors import CMBError
-from ..outputs import COUNT_COLUMNS, LESION_COLUMNS, counts_row
+from ..outputs import COUNT_COLUMNS, LESION_COLUMNS, REJECTED_COLUMNS, counts_row
 from .base import load, user_error
 
 
@@ -68,6 +68,7 @@ class _SinkIn(BaseInterfaceInputSpec):
     probseg = File(exists=True, mandatory=True)
     labels = File(exists=True, mandatory=True)
     lesions = File(exists=True, mandatory=True)
+    rejected = File(exists=True, desc="TSV of rejected candidates, with the rule that removed each")
     threshold = traits.Float(mandatory=True)
     provenance = traits.Str("{}", usedefault=True, desc="JSON: model bundle, settings")
 
@@ -185,6 +186,19 @@ class WriteDerivatives(SimpleInterface):
         out.append(
             writer.write_tsv(image, lesions, desc="CMB", suffix="lesions", dictionary=dictionary)
         )
+        if isdefined(self.inputs.rejected):
+            rejected = pd.read_csv(
+                self.inputs.rejected, sep="\t", na_values=["n/a"], keep_default_na=False
+            )
+            rej_dict = {
+                c: REJECTED_COLUMNS.get(c, LESION_COLUMNS.get(c, {"Description": c}))
+                for c in rejected.columns
+            }
+            out.append(
+                writer.write_tsv(
+                    image, rejected, desc="CMBrejected", suffix="lesions", dictionary=rej_dict
+                )
+            )
         # Written last: its presence marks this image's outputs as complete.
         out.append(
             writer.write_tsv(

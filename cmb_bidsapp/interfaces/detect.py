@@ -197,3 +197,93 @@ class LesionTable(SimpleInterface):
         table.to_csv(path, sep="\t", index=False, na_rep="n/a")
         self._results["out_table"] = path
         return runtime
+
+
+class _NetIn(BaseInterfaceInputSpec):
+    in_norm = File(exists=True, mandatory=True, desc="lesion-bright image (source grid)")
+    in_frst = File(exists=True, mandatory=True, desc="radial symmetry map (source grid)")
+    in_mask = File(exists=True, mandatory=True, desc="brain mask (source grid)")
+    models_dir = traits.Str(
+        "", usedefault=True, desc="model bundle folder ('' = the default bundle)"
+    )
+    device = traits.Enum("auto", "cpu", "cuda", usedefault=True, nohash=True)
+    threshold = traits.Float(mandatory=True, desc="student-score operating point")
+    num_threads = traits.Int(
+        1, usedefault=True, nohash=True, desc="threads (not part of the cache key)"
+    )
+
+
+class _NetOut(TraitedSpec):
+    out_probseg = File(exists=True, desc="learned voxel-wise probability, source grid")
+    out_labels = File(exists=True, desc="kept lesions, numbered 1..n (int16)")
+    out_candidates = File(exists=True, desc="every candidate, numbered 1..m (int16)")
+    out_rejected = File(exists=True, desc="TSV of the candidates the student rejected")
+    out_meta = File(exists=True, desc="JSON: bundle, thresholds, timings")
+
+
+class DetectNetworks(SimpleInterface):
+    """Step 1 (U-Net candidate detector) and step 2 (distilled student) on one image."""
+
+    input_spec = _NetIn
+    output_spec = _NetOut
+
+    def _run_interface(self, runtime):
+        import json
+        import os
+
+        import nibabel as nib
+        import pandas as pd
+
+        from ..errors import CMBError
+        from ..models.bundle import load_bundle
+        from ..models.infer import detect
+        from .base import user_error
+
+        set_threads(self.inputs.num_threads)
+        img = nib.load(self.inputs.in_norm)
+        norm = np.asarray(img.dataobj, dtype=np.float32)
+        frst_map, _ = load(self.inputs.in_frst)
+        mask, _ = load(self.inputs.in_mask)
+        try:
+            bundle = load_bundle(self.inputs.models_dir or None, device=self.inputs.device)
+        except CMBError as err:
+            raise user_error(err) from None
+        result = detect(
+            norm,
+            np.asarray(frst_map, dtype=np.float32),
+            np.asarray(mask) > 0,
+            img.affine,
+            bundle,
+            threshold=self.inputs.threshold,
+        )
+        self._results["out_probseg"] = save_like(result.probseg, img.affine, "probseg.nii.gz")
+        self._results["out_labels"] = save_like(
+            result.labels, img.affine, "lesion_labels.nii.gz", dtype=np.int16
+        )
+        self._results["out_candidates"] = save_like(
+            result.candidate_labels, img.affine, "candidate_labels.nii.gz", dtype=np.int16
+        )
+        columns = ["id", "x", "y", "z", "i", "j", "k", "volume_mm3", "score"]
+        rejected = pd.DataFrame(
+            result.rejected or None, columns=None if result.rejected else columns
+        )
+        rejected["rule"] = [
+            f"student score {s:.2f} < {result.threshold:.2f}" for s in rejected["score"]
+        ]
+        rejected = rejected.rename(columns={"score": "probability", "id": "candidate_id"})
+        path = os.path.abspath("rejected.tsv")
+        rejected.to_csv(path, sep="\t", index=False, na_rep="n/a")
+        self._results["out_rejected"] = path
+        meta = {
+            **bundle.sidecar_fields(),
+            "t_det": result.t_det,
+            "threshold": result.threshold,
+            "device": result.device,
+            "seconds": result.seconds,
+            "n_candidates": int(result.candidate_scores.size),
+            "n_lesions": int(result.n_lesions),
+        }
+        self._results["out_meta"] = os.path.abspath("detection.json")
+        with open(self._results["out_meta"], "w") as fh:
+            json.dump(meta, fh, indent=2, default=float)
+        return runtime

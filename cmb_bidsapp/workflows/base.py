@@ -75,6 +75,7 @@ def init_single_image_wf(image: InputImage, config: Config) -> pe.Workflow:
             ("outputnode.probseg", "probseg"),
             ("outputnode.labels", "labels"),
             ("outputnode.lesions", "lesions"),
+            ("outputnode.rejected", "rejected"),
         ]),
     ])
     # fmt: on
@@ -110,6 +111,7 @@ def _add_report_node(wf, image, config, preproc_wf, detect_wf, sink, threshold) 
         ]),
         (detect_wf, report, [
             ("outputnode.labels", "labels"),
+            ("outputnode.candidates", "candidates"),
             ("outputnode.regions", "regions"),
             ("outputnode.registration", "registration"),
         ]),
