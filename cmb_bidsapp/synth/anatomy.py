@@ -222,7 +222,7 @@ def _load_scaled(name: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 #: Bump when the template maps change: the on-disk cache is keyed by it.
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 _ARRAYS = ("volume", "iron_volume", "csf", "region", "nmm", "vent_smooth")
 
 
@@ -273,6 +273,11 @@ def save_cached(folder: Path | None, arrays: dict[str, np.ndarray]) -> None:
             os.replace(tmp, folder)
         except OSError:  # another process won the race
             shutil.rmtree(tmp, ignore_errors=True)
+        # drop caches of other versions of the same data (they are rebuilt when needed)
+        prefix = folder.name.rsplit("-", 1)[0] + "-"
+        for old in folder.parent.glob(prefix + "*"):
+            if old != folder and old.is_dir() and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
     except OSError:
         return
 

@@ -8,7 +8,7 @@ where they hold venous blood (paramagnetic, χ 0.30–0.50 ppm against CSF, R2* 
   ventricles, first
   away from the wall, then bending along the gradient of the distance to the brain surface,
   with a little random bending, until 3 mm below the surface; 0.5–1.0 mm thick, up to 15–40 mm.
-* Cortical (pial and sulcal) veins (80–160): random walks on the brain surface, 0.3–1.5 mm
+* Cortical (pial and sulcal) veins (80–160): random walks on the brain surface, 0.5–3 mm
   below the template brain boundary (sulcal CSF and the pial surface), drifting upwards
   towards the superior sagittal sinus; 0.6–1.5 mm thick, 20–80 mm long.
 The medullary and cortical veins are traced once into a pool (1200 and 800 veins, fixed seed,
@@ -118,7 +118,7 @@ def _trace_medullary(tpl: TemplateAnatomy, rng: np.random.Generator, n: int):
 def _trace_cortical(tpl: TemplateAnatomy, rng: np.random.Generator, n: int):
     _, surf = _start_points(tpl)
     pos = surf[rng.integers(0, len(surf), n)] + rng.uniform(-0.5, 0.5, (n, 3))
-    target = rng.uniform(-1.5, -0.3, n)
+    target = rng.uniform(-3.0, -0.5, n)
     length = rng.uniform(20.0, 80.0, n)
     normal = _unit(tpl.gradient(tpl.dist, pos))
     direc = rng.normal(0, 1, (n, 3))
@@ -329,7 +329,7 @@ def sample_veins(
             continue
         chosen = np.sort(rng.choice(n_pool, n, replace=False))
         ends = np.r_[p["start"][1:], len(p["points"])]
-        lo, hi = (0.25, 0.5) if kind == "medullary" else (0.3, 0.75)
+        lo, hi = (0.25, 0.5) if kind == "medullary" else (0.35, 0.75)
         for v in chosen:
             sl = slice(int(p["start"][v]), int(ends[v]))
             taper = np.clip(1.2 - 0.6 * p["s"][sl], 0.6, 1.0)
