@@ -197,3 +197,16 @@ def test_cli_refuses_a_foreign_non_empty_folder(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not empty" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_cli_rewrites_a_previous_synth_output(tmp_path, capsys):
+    out = tmp_path / "out"
+    args = [str(out), "--n-subjects", "1", "--seed", "3", "--size", "small", "--kinds", "t2starw"]
+    assert synth_main(args) == 0
+    stale = out / "sub-099" / "anat"
+    stale.mkdir(parents=True)
+    (stale / "sub-099_T2starw.nii.gz").write_bytes(b"old")
+    assert synth_main(args) == 0  # a previous synth output: no --overwrite needed
+    assert not (out / "sub-099").exists()
+    assert (out / "sub-001" / "anat" / "sub-001_T2starw.nii.gz").is_file()
+    assert "wrote 1 subjects" in capsys.readouterr().err
