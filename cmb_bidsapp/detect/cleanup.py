@@ -17,8 +17,8 @@ Rules
     the MARS upper bound for a microbleed) can occupy on this grid. Sampling on a grid enlarges a
     sphere of diameter D to at most the ellipsoid with axes ``D + v_a`` (``v_a`` the voxel size
     along axis a), so the upper bound is ``π/6 · Π(D_max + v_a)``; the lower bound is
-    ``min(π/6 · D_min³, one voxel)`` (a lesion smaller than a voxel still fills one). Larger
-    components are flow voids, cavernomas, haemorrhages or artefact zones.
+    ``π/6 · D_min³`` (1.77 mm³; on a coarse grid one voxel is already more). Larger components
+    are flow voids, cavernomas, haemorrhages or artefact zones; smaller ones are noise specks.
 
 ``diamagnetic`` (only with a phase image, or on QSM)
     Phase (MEGRE ``part-phase``, or the phase beside an SWI), high-pass filtered, radians: the
@@ -64,7 +64,10 @@ Rules
     on BOTH sides until it drops below ``continuity_fraction`` (50 %) of the candidate's own
     contrast, up to ``continuity_search_mm`` (8 mm): the continuity is the longer of the two
     shorter sides over the directions. A microbleed (a ball, whose blooming fades) does not
-    continue; a vein passing through does, on both sides. Rejected when
+    continue; a vein passing through does, on both sides. A line, not a region: the median
+    over the directions (the spread) must stay below ``continuity_min_mm`` — a candidate inside
+    a dark region (an iron-rich nucleus, an artefact zone) continues in every direction and is
+    not a vessel. Rejected when
     ``T ≥ tubularity_min`` (0.6) and continuity ≥ ``continuity_min_mm`` (2 mm), or when the
     continuity alone reaches ``continuity_strong_mm`` (5 mm). A microbleed beside a vein is
     kept: from its centre no line runs through on both sides.
@@ -80,11 +83,13 @@ Rules
     make a zone by itself at this scale, and one beside a zone, in normal tissue, is kept.
 
 ``brain_edge`` and ``csf`` (tissue-aware; replaces the published 8-voxel edge deletion)
-    Brain–air boundary: rejected when the candidate touches the brain-mask edge (one of its
-    voxels is within one voxel of the outside) AND at least ``edge_outside_fraction`` (25 %) of
-    the ball of radius (its radius + ``edge_shell_mm``, 2 mm) around it lies outside the brain
-    AND, with tissue maps, it does not sit in tissue (GM + WM probability < ``tissue_keep``,
-    0.5). CSF/sulcal space (with tissue maps, native-grid CSF/GM/WM probabilities from the
+    Brain–air boundary: rejected when the candidate straddles the brain-mask edge: one of its
+    voxels is within one voxel of the outside AND at least ``edge_outside_fraction`` (15 %) of
+    the ball of radius (its radius + ``edge_shell_mm``, 2 mm) around its centre lies outside the
+    brain. For a lesion of 3 mm that happens when its centre is less than about 1.2 mm under the
+    surface; a cortical microbleed 1.5 mm or more under the mask edge is kept (the tissue prior
+    is not used here: registered priors put "cortex" on both sides of the brain edge).
+    CSF/sulcal space (with tissue maps, native-grid CSF/GM/WM probabilities from the
     template priors): rejected when the mean CSF probability over the candidate is at least
     ``csf_min`` (0.5) and higher than GM + WM. What sits in cortex or juxtacortical white
     matter, even 1–2 mm under the surface, touches nothing and has tissue around it: it is kept.
@@ -112,8 +117,8 @@ RULE_ORDER: tuple[str, ...] = (
     "size",
     "diamagnetic",
     "pallidal",
-    "vessel",
     "air_artefact",
+    "vessel",
     "brain_edge",
     "csf",
 )
@@ -154,8 +159,7 @@ class CleanupParams:
     continuity_tolerance_mm: float = 1.0
     # brain edge and CSF
     edge_shell_mm: float = 2.0
-    edge_outside_fraction: float = 0.25
-    tissue_keep: float = 0.5
+    edge_outside_fraction: float = 0.15
     csf_min: float = 0.5
     # pallidal pairs
     mirror_tolerance_mm: float = 4.0
@@ -426,7 +430,7 @@ def size_bounds_mm3(voxel_sizes: np.ndarray, params: CleanupParams) -> tuple[flo
     """(lower, upper) volume bounds in mm³ for this grid (module docstring, ``size``)."""
     vs = np.asarray(voxel_sizes, dtype=float)
     upper = float(np.pi / 6.0 * np.prod(params.max_diameter_mm + vs))
-    lower = float(min(np.pi / 6.0 * params.min_diameter_mm**3, np.prod(vs)))
+    lower = float(np.pi / 6.0 * params.min_diameter_mm**3)
     return lower, upper
 
 
@@ -478,6 +482,7 @@ def vessel_features(
 
     cont = np.zeros(n)
     cont_dir = np.zeros((n, 3))
+    spread = np.zeros(n)
     peak_c = np.zeros(n)
     dirs0 = fibonacci_directions(64)
     step = 0.5 * float(vs.min())
@@ -518,12 +523,14 @@ def vessel_features(
         best = int(np.argmax(both))
         cont[c] = float(both[best])
         cont_dir[c] = dirs[best]
+        spread[c] = float(np.median(both[:-1]))
     return {
         "tubularity": best_t,
         "tube_scale_mm": best_scale,
         "tube_axis": axis_world,
         "continuity_mm": cont,
         "continuity_dir": cont_dir,
+        "spread_mm": spread,
         "peak_contrast": peak_c,
     }
 
@@ -541,6 +548,8 @@ def vessel_rule(
     reasons: dict[int, str] = {}
     for c, i in enumerate(geom.ids):
         t, cm = float(f["tubularity"][c]), float(f["continuity_mm"][c])
+        if f["spread_mm"][c] >= params.continuity_min_mm:
+            continue  # dark in most directions: a region (deep nuclei, artefact), not a line
         tube = t >= params.tubularity_min and cm >= params.continuity_min_mm
         line = cm >= params.continuity_strong_mm
         if not (tube or line):
@@ -634,14 +643,12 @@ def edge_rule(
     for c, i in enumerate(geom.ids):
         p_t = float(f["p_gm"][c] + f["p_wm"][c]) if have_tissue else np.nan
         if f["touches_edge"][c] and f["outside_fraction"][c] >= params.edge_outside_fraction:
-            if not (have_tissue and p_t >= params.tissue_keep):
-                why = f", tissue {p_t:.2f} < {params.tissue_keep:g}" if have_tissue else ""
-                edge[int(i)] = (
-                    f"brain_edge: touches the brain-mask edge, "
-                    f"{100 * f['outside_fraction'][c]:.0f}% of its "
-                    f"{geom.radius_mm[c] + params.edge_shell_mm:.1f} mm surroundings outside the "
-                    f"brain{why}"
-                )
+            edge[int(i)] = (
+                f"brain_edge: touches the brain-mask edge, "
+                f"{100 * f['outside_fraction'][c]:.0f}% ≥ {100 * params.edge_outside_fraction:.0f}% "
+                f"of its {geom.radius_mm[c] + params.edge_shell_mm:.1f} mm surroundings outside "
+                "the brain"
+            )
         if have_tissue:
             p_c = float(f["p_csf"][c])
             if p_c >= params.csf_min and p_c > p_t:
