@@ -47,7 +47,7 @@ LESION_COLUMNS: dict[str, dict[str, Any]] = {
         "Levels": {
             "left": "left",
             "right": "right",
-            "midline": "within 1 mm of the midline",
+            "midline": "centre exactly on the template midline (MNI x = 0)",
             "n/a": "unknown",
         },
     },
@@ -63,7 +63,10 @@ REJECTED_COLUMNS: dict[str, dict[str, Any]] = {
         "Units": "arbitrary (0-1)",
     },
     "rule": {
-        "Description": "What removed the candidate: the student's score below the threshold, or a clean-up rule with its measured values."
+        "Description": "What removed the candidate: the student's score below the threshold, or a clean-up rule with its measured values (the first rule that applies, in the order size, diamagnetic, pallidal, air_artefact, vessel, brain_edge, csf; see the method documentation)."
+    },
+    "rules": {
+        "Description": "Every clean-up rule that applies to the candidate, separated by ' | ', each with its measured values."
     },
 }
 
