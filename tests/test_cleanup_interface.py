@@ -1,0 +1,59 @@
+"""The CleanUp Nipype interface: files in, kept labels, rejected table and report out."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_cleanup_rules import BLEED, VEIN, balls, phantom  # noqa: E402
+
+from cmb_bidsapp.interfaces.cleanup import CleanUp  # noqa: E402
+
+
+def _save(data, affine, path, dtype=np.float32):
+    nib.save(nib.Nifti1Image(np.asarray(data).astype(dtype), affine), str(path))
+    return str(path)
+
+
+def test_cleanup_interface(tmp_path, monkeypatch):
+    p = phantom(
+        [
+            dict(VEIN, centre=(0.0, 0.0, 0.0), axis=(0.0, 0.3, 1.0)),
+            dict(BLEED, centre=(6.0, 0.0, 0.0)),
+        ]
+    )
+    aff = p["affine"]
+    lab = balls(p["mag"].shape, aff, [(0.0, 0.0, 0.0), (6.0, 0.0, 0.0)])
+    prob = np.where(lab == 1, 0.7, np.where(lab == 2, 0.9, 0.0))
+    monkeypatch.chdir(tmp_path)
+    node = CleanUp(
+        in_labels=_save(lab, aff, tmp_path / "labels.nii.gz", np.int16),
+        in_preproc=_save(p["mag"], aff, tmp_path / "preproc.nii.gz"),
+        in_mask=_save(p["mask"], aff, tmp_path / "mask.nii.gz", np.uint8),
+        in_probseg=_save(prob, aff, tmp_path / "prob.nii.gz"),
+        in_phase=_save(p["phase"], aff, tmp_path / "phase.nii.gz"),
+        kind="megre",
+        params={"continuity_strong_mm": 5.0},
+    )
+    res = node.run()
+    out = res.outputs
+    kept = np.asarray(nib.load(out.out_labels).dataobj)
+    assert set(np.unique(kept)) == {0, 2}
+    rej = pd.read_csv(out.out_rejected, sep="\t")
+    assert list(rej["lesion_id"]) == [1] and rej["rule"][0].startswith("vessel: ")
+    assert rej["probability"][0] == pytest.approx(0.7)
+    report = json.loads(Path(out.out_report).read_text())
+    assert report["RuleCounts"] == {"vessel": 1} and report["Kept"] == 1
+    assert report["PhaseHandedness"]["handedness"] == 1
+    assert report["Parameters"]["continuity_strong_mm"] == 5.0
+    assert out.n_kept == 1 and out.n_rejected == 1
+    feats = pd.read_csv(out.out_features, sep="\t")
+    assert list(feats["lesion_id"]) == [1, 2]
