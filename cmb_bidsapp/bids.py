@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,14 @@ import pandas as pd
 
 from . import __version__
 from .errors import InputError, InvalidDatasetError, NoMatchError, UsageError
-from .io import atomic_write_bytes, atomic_write_json, atomic_write_text, json_default, nifti_bytes
+from .io import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    json_default,
+    nifti_bytes,
+    part_file,
+)
 
 LOGGER = logging.getLogger("cmb_bidsapp.bids")
 
@@ -612,8 +618,7 @@ class DerivativesWriter:
             return path  # unchanged: keep the file (and its time stamp, which Nipype's cache uses)
         if self._pending is None:
             return atomic_write_bytes(path, data)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+        fd, tmp = part_file(path)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
@@ -21,6 +23,8 @@ from ..errors import EXIT_FAILED_IMAGES, EXIT_OK, CMBError, InvalidDatasetError
 LOGGER = logging.getLogger("cmb_bidsapp")
 _CMB_ERROR_RE = re.compile(r"CMB-ERROR\[(\d+)\] (.+)")
 _NODE_RE = re.compile(r"^Node: (.+)$", re.MULTILINE)
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+_DISK_RE = re.compile(r"\[Errno (?:28|122|27|30)\] ([^\n:']+)")
 
 
 @dataclass
@@ -56,22 +60,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cmb-bidsapp: error: {err.format()}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt as err:
-        what = "terminated (SIGTERM)" if isinstance(err, _Terminated) else "interrupted"
+        # No second signal while cleaning up; the pool workers go first (or the interpreter
+        # would wait for their nodes to finish before exiting).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stopped = stop_workers()
+        what = "terminated (SIGTERM)" if isinstance(err, _Terminated) else "interrupted (SIGINT)"
         print(
-            f"cmb-bidsapp: {what}. Outputs already written are complete; "
-            "re-run the same command with the same -w/--work-dir to resume.",
+            f"cmb-bidsapp: {what}"
+            + (f"; {stopped} worker process(es) stopped" if stopped else "")
+            + ". Outputs already written are complete; re-run the same command with the same "
+            "-w/--work-dir to resume.",
             file=sys.stderr,
         )
-        return 143 if isinstance(err, _Terminated) else 130
-    except Exception as err:  # a bug: say so in one line, traceback with -v
+        code = 143 if isinstance(err, _Terminated) else 130
+        if stopped:
+            # The interpreter would otherwise wait seconds at exit for the broken pool's threads.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(code)
+        return code
+    except OSError as err:
+        if err.errno not in _DISK_ERRNOS and err.errno not in (errno.EACCES, errno.EPERM):
+            return _internal_error(err, verbose)
         if verbose:
             traceback.print_exc()
+        fix = (
+            "Fix the permissions (or run as a user who may write there)"
+            if err.errno in (errno.EACCES, errno.EPERM)
+            else "Free disk space (or raise the quota)"
+        )
         print(
-            f"cmb-bidsapp: internal error: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "
-            "Re-run with -v for the traceback and report it at https://github.com/cmb-bidsapp/cmb-bidsapp/issues.",
+            f"cmb-bidsapp: error: {err.filename or 'a file'}: {err.strerror}. {fix} and re-run "
+            "the same command with the same -w/--work-dir to resume; no partial output was left.",
             file=sys.stderr,
         )
         return EXIT_FAILED_IMAGES
+    except Exception as err:
+        return _internal_error(err, verbose)
+
+
+def _internal_error(err: BaseException, verbose: int) -> int:
+    """A bug: say so in one line, with the traceback under -v."""
+    if verbose:
+        traceback.print_exc()
+    detail = str(err).splitlines()[0] if str(err) else ""
+    print(
+        f"cmb-bidsapp: internal error: {type(err).__name__}: {detail}. Re-run with -v for the "
+        "traceback and report it at https://github.com/cmb-bidsapp/cmb-bidsapp/issues.",
+        file=sys.stderr,
+    )
+    return EXIT_FAILED_IMAGES
 
 
 class _Terminated(KeyboardInterrupt):
@@ -84,6 +124,112 @@ def _on_sigterm(signum, frame):
 
 def _install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+_FORKING_PID = 0
+
+
+def _before_fork() -> None:
+    global _FORKING_PID
+    _FORKING_PID = os.getpid()
+
+
+def _in_forked_worker() -> None:
+    """In a process forked by the app (a MultiProc worker): die with the process that forked it.
+
+    PR_SET_PDEATHSIG makes a kill -9 of the app take its workers with it, instead of leaving
+    them computing (and writing into the work directory) as orphans. Workers leave SIGTERM and
+    SIGINT to the main process, which stops them (see `stop_workers`).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != _FORKING_PID:  # the parent died before prctl
+        os._exit(1)
+
+
+_FORK_HOOK_INSTALLED = False
+
+
+def _install_fork_hook() -> None:
+    global _FORK_HOOK_INSTALLED
+    if not _FORK_HOOK_INSTALLED:
+        os.register_at_fork(before=_before_fork, after_in_child=_in_forked_worker)
+        _FORK_HOOK_INSTALLED = True
+
+
+def _descendants(pid: int) -> list[int]:
+    """Process ids below `pid` (Linux /proc; elsewhere the multiprocessing children)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        import multiprocessing
+
+        return [p.pid for p in multiprocessing.active_children() if p.pid]
+    children: dict[int, list[int]] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_workers(timeout: float = 5.0) -> int:
+    """Stop every process the app started (MultiProc pool workers): SIGTERM, then SIGKILL.
+
+    Returns how many there were. Called when the app is interrupted, so that no orphan keeps
+    computing after the app has said it stopped.
+    """
+    # The pool reports its dead workers through this logger, with a traceback: not for users.
+    logging.getLogger("concurrent.futures").setLevel(logging.CRITICAL)
+    pids = _descendants(os.getpid())
+    count = len(pids)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + timeout
+        while pids and time.monotonic() < deadline:
+            pids = [p for p in pids if _running(p)]
+            time.sleep(0.02)
+        if not pids:
+            break
+    return count
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie child is reaped and counts as stopped)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child (a grandchild): ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _setup_logging(verbose: int) -> None:
@@ -107,6 +253,7 @@ def _say(text: str) -> None:
 def run_participant(config) -> int:
     """The participant level: every selected image through its workflow; exit 0, 1, 16 or 18."""
     from ..bids import DerivativesWriter, check_dataset, collect_inputs
+    from ..io import remove_stale_parts
 
     t0 = time.monotonic()
     check_dataset(config.bids_dir)
@@ -128,6 +275,9 @@ def run_participant(config) -> int:
 
     writer = DerivativesWriter(config.output_dir, config.bids_dir)
     writer.init_dataset()
+    stale = remove_stale_parts(config.output_dir)
+    if stale:
+        LOGGER.info("removed %d partial file(s) left by a killed run", len(stale))
     config.log_dir.mkdir(parents=True, exist_ok=True)
     config.save()
 
@@ -141,7 +291,9 @@ def run_participant(config) -> int:
     failures: dict[str, Failure] = {}
     runnable = []
     for image in inputs:
-        problem = image.error or _preflight(image)
+        problem, warnings = (image.error, []) if image.error else _preflight(image)
+        for warning in warnings:
+            _say(f"cmb-bidsapp: warning: {warning}")
         if problem is not None:
             failures[image.image_id] = Failure(_label(image), problem)
             _say(f"cmb-bidsapp: error: {_label(image)}: {problem}")
@@ -180,16 +332,18 @@ def _validate(config) -> None:
         )
 
 
-def _preflight(image) -> str | None:
-    """Read every input file now, so that broken files fail before hours of compute."""
+def _preflight(image) -> tuple[str | None, list[str]]:
+    """Read every input file now, so that broken files fail before hours of compute.
+
+    Returns (why the image cannot be processed or None, warnings about an image processed anyway).
+    """
     from ..errors import InputError
     from ..preproc.steps import check_input
 
     try:
-        check_input(image)
+        return None, check_input(image)
     except InputError as err:
-        return err.format()
-    return None
+        return err.format(), []
 
 
 def _write_citation(config, methods: str) -> None:
@@ -231,7 +385,7 @@ def _run_workflow(config, wf, images) -> dict[str, Failure]:
     labels = {i.image_id: _label(i) for i in images}
     progress = Progress(config.log_dir, list(labels), labels)
     plugin_args = dict(config.plugin_args)
-    plugin_args.setdefault("status_callback", progress)
+    plugin_args.setdefault("status_callback", _TolerantCallback(progress))
     if config.plugin == "MultiProc":
         plugin_args.setdefault("n_procs", config.nprocs)
         plugin_args.setdefault("raise_insufficient", False)
@@ -243,15 +397,21 @@ def _run_workflow(config, wf, images) -> dict[str, Failure]:
     _say(
         f"cmb-bidsapp: processing {len(images)} image(s) with the {config.plugin} plugin; work dir {config.work_dir}"
     )
+    _install_fork_hook()
+    interrupted = False
     try:
         wf.run(plugin=config.plugin, plugin_args=plugin_args)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     except RuntimeError:
         # Nipype raises after running everything it could; the failed images are found below
         # from the progress record and the crash files.
         pass
     finally:
-        progress.write_timings()
-        progress.write_status(final=True)
+        with contextlib.suppress(OSError):
+            progress.write_timings()
+            progress.write_status(final=not interrupted)
     failures = {}
     crash_messages = _read_crashfiles(config.log_dir)
     for image in images:
@@ -260,8 +420,27 @@ def _run_workflow(config, wf, images) -> dict[str, Failure]:
         message, crashfile = crash_messages.get(image.image_id, (None, None))
         if message is None:
             message = "did not complete (a node crashed or was not run); see the log folder"
+        source = str(image.files[0])
+        if Path(source).name not in message:  # name the file, as every message should
+            message = f"{source}: {message}"
         failures[image.image_id] = Failure(_label(image), message, crashfile)
     return failures
+
+
+class _TolerantCallback:
+    """The progress callback, which must never stop the run (a full disk for the status file)."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.warned = False
+
+    def __call__(self, node, status: str) -> None:
+        try:
+            self.progress(node, status)
+        except OSError as err:
+            if not self.warned:
+                self.warned = True
+                LOGGER.warning("could not update the status file: %s", err)
 
 
 def _read_crashfiles(log_dir: Path) -> dict[str, tuple[str, str]]:
@@ -278,8 +457,15 @@ def _read_crashfiles(log_dir: Path) -> dict[str, tuple[str, str]]:
             continue
         stage = where.rsplit(".", 1)[-1]
         user = _CMB_ERROR_RE.search(text)
+        disk = _DISK_RE.search(text)
         if user:
             message = user.group(2).strip()
+        elif disk:
+            message = (
+                f"ran out of disk space at stage '{stage}' ({disk.group(1).strip()}). Free space "
+                "in the work directory and OUTPUT_DIR (or raise the quota), then re-run with the "
+                "same -w to resume"
+            )
         else:
             last = [
                 ln.strip()

@@ -22,6 +22,15 @@ PHASE_TE_TARGET_S = 0.020
 MIN_BRAIN_CM3 = 5.0
 """A mask smaller than this (cm³) means no brain was found."""
 
+VOXEL_RANGE_MM = (0.4, 5.0)
+"""Voxel sizes (mm, every axis) the app is validated for: the contract's range."""
+
+VOXEL_TOLERATED_MM = (0.3, 7.0)
+"""Voxel sizes (mm) processed with a warning; outside, the image fails with a message."""
+
+MIN_VOXELS_PER_AXIS = 8
+"""Fewer voxels than this along any axis (one slice, a thin slab) cannot be processed in 3D."""
+
 
 @dataclass
 class InputData:
@@ -48,13 +57,63 @@ def _same_grid(ref: nib.Nifti1Image, other: nib.Nifti1Image, path: str, ref_path
         )
 
 
-def _load_all(files: list[str]) -> list[nib.Nifti1Image]:
-    return [load_nifti(f) for f in files]
+def _load_all(files: list[str], notes: list[str] | None = None) -> list[nib.Nifti1Image]:
+    out = []
+    for f in files:
+        file_notes: list[str] = []
+        out.append(load_nifti(f, notes=file_notes))
+        if notes is not None:
+            notes.extend(f"{f}: {n}" for n in file_notes)
+    return out
 
 
-def check_input(image) -> None:
-    """Pre-flight: every file of an `InputImage` readable, 3D, consistent; raises `InputError`."""
-    imgs = _load_all([str(f) for f in image.files])
+def check_geometry(img: nib.Nifti1Image, path: str | Path) -> list[str]:
+    """Refuse a grid the app cannot process; return warnings for one it processes unvalidated.
+
+    Voxel sizes (from the affine, mm) within `VOXEL_RANGE_MM` are the contract's range; within
+    `VOXEL_TOLERATED_MM` the image is processed with a warning; outside, `InputError`. Every axis
+    needs `MIN_VOXELS_PER_AXIS` voxels (a single slice, or a few, cannot be processed in 3D).
+    """
+    vs = voxel_sizes(img)
+    shown = " × ".join(f"{v:.2g}" for v in vs)
+    lo, hi = VOXEL_RANGE_MM
+    tlo, thi = VOXEL_TOLERATED_MM
+    if vs.min() < tlo or vs.max() > thi:
+        raise InputError(
+            f"has voxels of {shown} mm; the app supports {lo:g}–{hi:g} mm along every axis "
+            f"(and tolerates {tlo:g}–{thi:g} mm with a warning)",
+            path=path,
+            fix=f"Resample it into that range (e.g. {max(lo, min(hi, float(np.median(vs)))):.1f} mm with "
+            "`mri_convert -vs` or `flirt -applyisoxfm`), or check the header's voxel sizes.",
+        )
+    warnings = []
+    if vs.min() < lo or vs.max() > hi:
+        warnings.append(
+            f"{path}: has voxels of {shown} mm, outside the validated {lo:g}–{hi:g} mm: it is "
+            "processed, but detection was not validated there (microbleeds may be missed)"
+        )
+    if min(img.shape[:3]) < MIN_VOXELS_PER_AXIS:
+        raise InputError(
+            f"has shape {tuple(img.shape[:3])}: fewer than {MIN_VOXELS_PER_AXIS} voxels along an "
+            "axis (a single slice or a thin slab) cannot be processed in 3D",
+            path=path,
+            fix="Give the whole 3D volume (all slices in one file).",
+        )
+    return warnings
+
+
+def check_input(image) -> list[str]:
+    """Pre-flight of an `InputImage`: every file read, grids checked; warnings returned.
+
+    Raises `InputError` (one line, with the file and the fix) when the image cannot be processed:
+    unreadable or corrupt files, not 3D, voxel sizes outside the tolerated range, too few slices,
+    MEGRE echoes on different grids or without EchoTime, an all-zero or constant image. Returns
+    one line per thing the user should know about an image that is processed anyway (NaN voxels
+    set to 0, qform/sform disagreement, unvalidated voxel sizes, a misnamed compression).
+    """
+    notes: list[str] = []
+    imgs = _load_all([str(f) for f in image.files], notes)
+    notes.extend(check_geometry(imgs[0], image.files[0]))
     for img, f in zip(imgs[1:], image.files[1:]):
         _same_grid(imgs[0], img, str(f), str(image.files[0]))
     if image.kind == "megre" and len(image.echo_times) != len(image.files):
@@ -64,18 +123,21 @@ def check_input(image) -> None:
             fix="Add EchoTime (s) to every echo's sidecar.",
         )
     for f in image.phase_files:
-        _same_grid(imgs[0], load_nifti(f), str(f), str(image.files[0]))
+        _same_grid(imgs[0], _load_all([str(f)], notes)[0], str(f), str(image.files[0]))
     data = np.asanyarray(imgs[0].dataobj)
     if not np.any(data):
-        raise InputError("is all zeros", path=image.files[0], fix="Check the export of this image.")
+        raise InputError(
+            "is all zeros" + (" (after its NaN/Inf voxels were set to 0)" if notes else ""),
+            path=image.files[0],
+            fix="Check the export of this image.",
+        )
     if np.ptp(data) == 0:
         raise InputError(
-            "is a constant image", path=image.files[0], fix="Check the export of this image."
+            f"is a constant image (every voxel is {float(data.flat[0]):g})",
+            path=image.files[0],
+            fix="Check the export of this image.",
         )
-    if min(s for s in imgs[0].shape[:3]) < 1:
-        raise InputError(
-            "has an empty dimension", path=image.files[0], fix="Check the export of this image."
-        )
+    return notes
 
 
 def read_input(
