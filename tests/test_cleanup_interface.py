@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from test_cleanup_rules import BLEED, VEIN, balls, phantom
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from test_cleanup_rules import BLEED, VEIN, balls, phantom  # noqa: E402
-
-from cmb_bidsapp.interfaces.cleanup import CleanUp  # noqa: E402
+from cmb_bidsapp.interfaces.cleanup import CleanUp
 
 
 def _save(data, affine, path, dtype=np.float32):
