@@ -93,7 +93,6 @@ def _acq_rows(ctx: ReferenceContext, axis: int, lo: int, hi: int) -> np.ndarray:
     """Acquired indices whose centre lies inside fine index range [lo, hi) (with 1 voxel margin)."""
     n_acq = ctx.acquired.shape[axis]
     if ctx.two_d and axis == 2:
-        pos = np.arange(n_acq) * ctx.n_pitch + 0.5 * (ctx.n_sub - 1)
         ok = (np.arange(n_acq) * ctx.n_pitch >= lo) & (
             np.arange(n_acq) * ctx.n_pitch + ctx.n_sub <= hi
         )
