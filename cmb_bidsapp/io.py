@@ -213,12 +213,14 @@ def load_nifti(
     Accepts `.nii` and `.nii.gz` (also when the compression disagrees with the name), NIfTI-1 and
     NIfTI-2, either byte order, int or float storage, any affine. Singleton trailing dimensions
     are dropped and a 2D image becomes one slice. A true 4D image is refused unless `allow_4d`.
-    The sform is used, then the qform, then the voxel sizes alone (as nibabel does). NaN and Inf
-    voxels are set to 0. Anything the user should know (qform/sform disagreement, no
-    orientation, non-finite voxels, a misnamed compression) is appended to `notes`, one sentence
-    each, without the path. Any other problem of the file raises `InputError`, never anything
-    else: the file is checked before nibabel reads it (type, size, magic, header size), and an
-    image over `MAX_VOXELS` voxels or with complex or RGB data is refused before its data is read.
+    The sform is used, then the qform, then the voxel sizes alone (as nibabel does). Isolated
+    NaN and Inf voxels take the mean of their neighbours, the others (a NaN background) 0.
+    Anything the user should know (qform/sform disagreement, no orientation, non-finite voxels,
+    a misnamed compression) is appended to `notes`, one sentence each, without the path.
+
+    Any other problem of the file raises `InputError`, never anything else: the file is checked
+    before nibabel reads it (regular file, size, gzip and NIfTI magic, header size), and an image
+    over `MAX_VOXELS` voxels or with complex or RGB data is refused before its data is read.
     """
     path = Path(path)
     notes = notes if notes is not None else []
@@ -290,16 +292,38 @@ def load_nifti(
     affine = _choose_affine(img, data.shape, path, notes)
     finite = np.isfinite(data)
     if not finite.all():
+        filled = _fill_non_finite(data, finite)
         notes.append(
-            f"has {int(data.size - finite.sum())} NaN or infinite voxels; they were set to 0"
+            f"has {int(data.size - finite.sum())} NaN or infinite voxels; {filled} isolated ones "
+            "were filled with the mean of their neighbours, the others set to 0"
         )
-        data[~finite] = 0.0
     out = nib.Nifti1Image(data, affine, header=None)
     with contextlib.suppress(Exception):
         out.header.set_xyzt_units(*img.header.get_xyzt_units())
     out.header.set_qform(affine, code=1)
     out.header.set_sform(affine, code=1)
     return out
+
+
+def _fill_non_finite(data: np.ndarray, finite: np.ndarray) -> int:
+    """Replace NaN/Inf voxels in place; return how many were filled from their neighbours.
+
+    A non-finite voxel with at least half of its 3×3×3 neighbourhood finite (an isolated bad
+    voxel) takes the mean of those finite neighbours; the others (a NaN background, as QSM maps
+    often have) become 0. Zeros inside the brain would look like dark microbleeds.
+    """
+    from scipy import ndimage as ndi
+
+    size = (3, 3, 3) + (1,) * (data.ndim - 3)
+    n_box = float(np.prod(size))
+    values = np.where(finite, data, np.float32(0))
+    total = ndi.uniform_filter(values, size, mode="constant") * n_box
+    count = ndi.uniform_filter(finite.astype(np.float32), size, mode="constant") * n_box
+    bad = ~finite
+    isolated = bad & (count >= n_box / 2)
+    data[bad] = 0.0
+    data[isolated] = total[isolated] / count[isolated]
+    return int(isolated.sum())
 
 
 def _data_error(err: BaseException) -> str:

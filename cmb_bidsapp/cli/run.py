@@ -371,7 +371,11 @@ def _configure_nipype(config) -> None:
             },
             "monitoring": {"enabled": False},
             "logging": {
-                "workflow_level": "WARNING" if config.verbose < 2 else "INFO",
+                # Without -v the app reports failed nodes itself, in one line each: Nipype's
+                # crash reports (with their tracebacks) stay in the crash files.
+                "workflow_level": ("CRITICAL", "WARNING")[min(config.verbose, 1)]
+                if config.verbose < 2
+                else "INFO",
                 "interface_level": "WARNING",
             },
         }

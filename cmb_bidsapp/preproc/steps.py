@@ -22,6 +22,10 @@ PHASE_TE_TARGET_S = 0.020
 MIN_BRAIN_CM3 = 5.0
 """A mask smaller than this (cm³) means no brain was found."""
 
+MAX_BRAIN_CM3 = 3000.0
+"""An implausible mask larger than this (cm³; brain and outer CSF are under about 2400) means no
+brain was found either."""
+
 VOXEL_RANGE_MM = (0.4, 5.0)
 """Voxel sizes (mm, every axis) the app is validated for: the contract's range."""
 
@@ -257,4 +261,15 @@ def brain_mask(
             path=None,
             fix="Check that the image shows a head; try --skull-strip skip for a pre-masked or cropped image.",
         )
+    if report.get("warning") and volume_cm3 > MAX_BRAIN_CM3 and mode != "skip":
+        # Both deepbet and the fallback failed, and what is left is larger than any brain:
+        # processing it would report microbleeds in noise or background.
+        raise InputError(
+            f"no brain was found: the only mask found is {volume_cm3:.0f} cm³, larger than any "
+            "brain (is the image noise, or not a head?)",
+            path=None,
+            fix="Check the image; for an image without background use --skull-strip skip.",
+        )
+    if report.get("warning"):
+        report["warnings"].append(f"implausible brain mask: {report['warning']}")
     return mask.astype(np.uint8), report
