@@ -625,6 +625,9 @@ class DerivativesWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.chmod(tmp, 0o644)
+        except OSError as err:  # a full disk: name the output, not its hidden temporary file
+            Path(tmp).unlink(missing_ok=True)
+            raise OSError(err.errno, err.strerror, str(path)) from None
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise

@@ -444,10 +444,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp_path = part_file(path)
     os.close(fd)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, 0o644)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp_path, 0o644)
+        except OSError as err:  # a full disk: name the file, not its hidden temporary file
+            if err.filename not in (None, str(tmp_path)):
+                raise
+            raise OSError(err.errno, err.strerror, str(path)) from None
         os.replace(tmp_path, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -11,8 +11,12 @@ cases (not BIDS, no description, empty, ...) are built in the tests themselves.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
+import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -440,3 +444,179 @@ def first_image(bids: Path, case: Case) -> Path:
     if case.named:
         return anat / case.named
     return sorted(p for p in anat.iterdir() if ".nii" in p.name)[0]
+
+
+# ----------------------------------------------------------------------------------------
+# Running the app in the robustness tests
+# ----------------------------------------------------------------------------------------
+
+BIN = Path(sys.executable).parent
+BASE_SEED = 5
+"""`cmb-bidsapp-synth --seed 5 --size small --kinds t2starw`: 146 × 152 × 35 voxels of about
+1.37 × 1.55 × 4.79 mm, skull-stripped, 3 simulated microbleeds."""
+
+
+def simulated_base(tmp_root: Path) -> tuple[Path, dict]:
+    """The one small simulated subject every robustness dataset derives from (made once a session).
+
+    Returns its T2starw file and sidecar. `tmp_root` is pytest's session base temporary folder.
+    """
+    root = Path(tmp_root) / "robust-base"
+    image = root / "sub-001" / "anat" / "sub-001_T2starw.nii.gz"
+    if not image.exists():
+        subprocess.run(
+            [
+                str(BIN / "cmb-bidsapp-synth"),
+                str(root),
+                "--n-subjects",
+                "1",
+                "--seed",
+                str(BASE_SEED),
+                "--size",
+                "small",
+                "--kinds",
+                "t2starw",
+                "--skull-fraction",
+                "0",
+                "--overwrite",
+            ],
+            check=True,
+            capture_output=True,
+        )
+    return image, json.loads(image.with_name("sub-001_T2starw.json").read_text())
+
+
+def build_good_dataset(root: Path, base_file: Path, base_meta: dict, names: list[str]) -> Path:
+    """A dataset of `names` subjects that the app processes: copies and flipped/scaled variants.
+
+    The first subject is the base image itself; the others are, in turn, a 3-echo MEGRE made
+    from it, its left-right mirror (x axis reversed) and its int16-with-scl_slope copy.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "robustness", "BIDSVersion": "1.10.0", "DatasetType": "raw"})
+    )
+    base_img = nib.load(base_file)
+    base = np.asarray(base_img.dataobj, dtype=np.float32)
+    aff = base_img.affine
+    for n, name in enumerate(names):
+        anat = root / f"sub-{name}" / "anat"
+        kind = n % 4
+        if kind == 1:
+            for e, te in enumerate((0.010, 0.020, 0.030), 1):
+                path = anat / f"sub-{name}_echo-{e}_MEGRE.nii.gz"
+                _save(path, _image(base * np.exp(-(te - 0.02) / 0.04), aff))
+                _sidecar(path, {**base_meta, "EchoTime": te})
+            continue
+        path = anat / f"sub-{name}_T2starw.nii.gz"
+        if kind == 0:
+            img = _image(base, aff)
+        elif kind == 2:
+            img = _image(*flip_x(base, aff))
+        else:
+            slope = float(np.abs(base).max()) / 30000.0
+            img = nib.Nifti1Image(np.round(base / slope).astype(np.int16), aff)
+            img.header.set_slope_inter(slope, 0.0)
+        _save(path, img)
+        _sidecar(path, base_meta)
+    (root / "participants.tsv").write_text(
+        "participant_id\n" + "".join(f"sub-{s}\n" for s in names)
+    )
+    return root
+
+
+def unprivileged_prefix() -> list[str] | None:
+    """A command prefix that runs the app without the root's right to read anything.
+
+    As root (the tests run as root here), `chmod 000` does not stop reads: CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH are dropped from the bounding set with `setpriv`, so the app runs as
+    uid 0 but under the ordinary permission checks. As another user, nothing is needed ([]).
+    None when the case cannot be made real (root without setpriv).
+    """
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    caps = "-dac_override,-dac_read_search"
+    prefix = [setpriv, f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    probe = subprocess.run([*prefix, "true"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
+
+
+def app_command(*args) -> list[str]:
+    return [str(BIN / "cmb-bidsapp"), *map(str, args)]
+
+
+def run_app(*args, prefix: list[str] | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run `cmb-bidsapp` (optionally behind `prefix`) and return the finished process."""
+    return subprocess.run(
+        [*(prefix or []), *app_command(*args)], capture_output=True, text=True, **kwargs
+    )
+
+
+def descendants(pid: int) -> list[int]:
+    """Running (non-zombie) processes below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs (zombies do not)."""
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def incomplete_files(out: Path) -> list[str]:
+    """Visible files under `out` that are not complete: NIfTIs that do not load fully, TSVs
+    with ragged rows, JSON that does not parse. Hidden files (`.part`) are not looked at."""
+    bad = []
+    for path in sorted(out.rglob("*")):
+        if not path.is_file() or any(p.startswith(".") for p in path.relative_to(out).parts):
+            continue
+        try:
+            if path.name.endswith(".nii.gz"):
+                np.asarray(nib.load(path).dataobj)
+            elif path.suffix == ".tsv":
+                lines = path.read_text().splitlines()
+                widths = {len(line.split("\t")) for line in lines}
+                if not lines or len(widths) != 1:
+                    bad.append(f"{path}: ragged TSV")
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:  # any failure to read is what this looks for
+            bad.append(f"{path}: {type(err).__name__}")
+    return bad
+
+
+def part_files(out: Path) -> list[Path]:
+    return sorted(out.rglob("*.part"))
+
+
+def digests(root: Path) -> dict[str, str]:
+    """sha256 of every image, table and sidecar under sub-*/ (figures excluded)."""
+    out = {}
+    for path in sorted(root.glob("sub-*/**/*")):
+        if (
+            path.is_file()
+            and "figures" not in path.parts
+            and path.suffix in (".gz", ".tsv", ".json")
+        ):
+            out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
