@@ -66,6 +66,15 @@ def test_weighted_ce_weights_before_reduction():
     assert float(got) > 1.5 * float(wrong)
 
 
+def test_voxel_weights_single_voxel_lesion_gets_full_weight():
+    target = torch.zeros(1, 9, 9, 9, dtype=torch.long)
+    target[0, 4, 4, 4] = 1
+    w = voxel_weights(target, w0=100.0, sigma_vox=1.25)
+    assert float(w[0, 4, 4, 4]) == pytest.approx(101.0)
+    assert 1.0 < float(w[0, 4, 4, 5]) < 101.0
+    assert float(w[0, 0, 0, 0]) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_voxel_weights_peak_on_lesion():
     target = torch.zeros(1, 15, 15, 15, dtype=torch.long)
     target[0, 6:9, 6:9, 6:9] = 1

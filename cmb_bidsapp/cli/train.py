@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None, help="maximum epochs of every stage")
     t.add_argument("--iters", type=int, default=None, help="optimiser steps per epoch")
     t.add_argument("--patience", type=int, default=6, help="early-stopping patience (epochs)")
-    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (teacher, students)")
+    t.add_argument("--detector-lr", type=float, default=2e-3, help="Adam learning rate (detector)")
     t.add_argument("--kd-temperature", type=float, default=4.0)
     t.add_argument("--kd-alpha", type=float, default=0.3)
     t.add_argument("--seed", type=int, default=0)
@@ -336,6 +337,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         stages=tuple(args.stages),
         patience=args.patience,
         lr=args.lr,
+        detector_lr=args.detector_lr,
         kd_temperature=args.kd_temperature,
         kd_alpha=args.kd_alpha,
         val_fraction=args.val_fraction,

@@ -112,6 +112,7 @@ class TrainSettings:
     student_epochs: int = 40
     patience: int = 6
     lr: float = 1e-3
+    detector_lr: float = 2e-3
     detector_widths: tuple[int, ...] = networks.DETECTOR_WIDTHS
     teacher_widths: tuple[int, ...] = networks.TEACHER_WIDTHS
     student_widths: tuple[int, ...] = networks.STUDENT_WIDTHS
@@ -375,7 +376,17 @@ def train_detector(
         dice = 2 * inter / max(psum + ysum, 1.0)
         return float(np.sum(losses) / len(vx)), {"dice": dice}
 
-    return fit(ctx, "detector", 1, model, train_step, validate, s.detector_epochs, s.detector_iters)
+    return fit(
+        ctx,
+        "detector",
+        1,
+        model,
+        train_step,
+        validate,
+        s.detector_epochs,
+        s.detector_iters,
+        lr=s.detector_lr,
+    )
 
 
 # ----------------------------------------------------------------------------------------
