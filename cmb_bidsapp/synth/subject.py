@@ -138,23 +138,27 @@ def _reduce_volume(sig: torch.Tensor, grids: Grids, two_d: bool, out: torch.Tens
 def _reduce_chunked(
     make, shape, n_out: int, grids: Grids, two_d: bool, chunk_voxels: int = 8_000_000, skip=None
 ) -> list[torch.Tensor]:
-    """Reduce `n_out` fine-grid complex volumes produced slab by slab by ``make(slice)``.
+    """Reduce `n_out` fine-grid complex volumes produced block by block by ``make(index)``.
 
-    ``make`` returns a list of `n_out` complex slabs (first axis). Each slab is reduced along
-    the slice axis at once, so no full fine complex volume exists in memory; the two in-plane
-    axes are reduced afterwards. Slabs where ``skip`` (a tensor of the fine shape) is all zero
-    are left at zero.
+    ``make((slice0, slice1))`` returns a list of `n_out` complex blocks (all of the third,
+    slice axis). Each block is reduced along the slice axis at once, so no full fine complex
+    volume exists in memory; the two in-plane axes are reduced afterwards. Where ``skip`` (a
+    tensor of the fine shape) is all zero (air), the signal is zero and is not formed.
     """
     acq = grids.acquired.shape
-    n0 = shape[0]
+    n0, n1 = shape[0], shape[1]
     chunk = max(8, chunk_voxels // (shape[1] * shape[2]))
-    parts = [torch.zeros((n0, shape[1], acq[2]), dtype=torch.complex64) for _ in range(n_out)]
+    parts = [torch.zeros((n0, n1, acq[2]), dtype=torch.complex64) for _ in range(n_out)]
     for i in range(0, n0, chunk):
-        sl = slice(i, min(i + chunk, n0))
-        if skip is not None and not bool(skip[sl].any()):
-            continue  # only air in this slab: no signal
-        for part, sig in zip(parts, make(sl)):
-            _reduce_volume(sig, grids, two_d, part[sl])
+        sl0 = slice(i, min(i + chunk, n0))
+        sl1 = slice(0, n1)
+        if skip is not None:
+            used = torch.nonzero(skip[sl0].abs().amax(dim=(0, 2)) > 0).squeeze(1)
+            if len(used) == 0:
+                continue  # only air in this slab: no signal
+            sl1 = slice(int(used[0]), int(used[-1]) + 1)
+        for part, sig in zip(parts, make((sl0, sl1))):
+            _reduce_volume(sig, grids, two_d, part[sl0, sl1])
     out = []
     for part in parts:
         for axis in (0, 1):
