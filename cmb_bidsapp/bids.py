@@ -181,6 +181,10 @@ def load_filters(path: str | Path | None) -> dict[str, dict[str, Any]]:
         raise UsageError(
             f"is not valid JSON ({err})", path=path, fix="Fix the JSON syntax of the filter file."
         ) from None
+    except OSError as err:
+        raise UsageError(
+            f"cannot be read ({err.strerror})", path=path, fix="Give a readable JSON file."
+        ) from None
     if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
         raise UsageError(
             "must be a JSON object of {input kind: {entity: value}}",

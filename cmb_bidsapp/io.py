@@ -28,6 +28,9 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MAX_VOXELS = 2**29
 """Largest image accepted, in voxels (2 GiB as float32); a larger header is corrupt or needs a crop."""
 
+MAX_AFFINE_MM = 1e6
+"""An affine with an entry beyond this (mm: a kilometre) is corrupt."""
+
 QFORM_SFORM_TOLERANCE_MM = 0.1
 """qform and sform that place a corner of the grid further apart than this (mm) are reported."""
 
@@ -155,6 +158,8 @@ def _load_proxy(path: Path, klass, gzipped: bool, notes: list[str]):
 def _affine_problem(affine: np.ndarray | None) -> str | None:
     if affine is None or not np.all(np.isfinite(affine)):
         return "non-finite"
+    if np.abs(affine).max() > MAX_AFFINE_MM:
+        return "implausible"
     if abs(np.linalg.det(np.asarray(affine)[:3, :3])) < 1e-12:
         return "singular"
     return None
@@ -199,7 +204,7 @@ def _choose_affine(img, shape: tuple[int, ...], path: Path, notes: list[str]) ->
         )
         return fallback
     raise InputError(
-        "has a singular or non-finite affine (voxel-to-world matrix)",
+        "has a singular, non-finite or implausible affine (voxel-to-world matrix)",
         path=path,
         fix="Fix the header's sform/qform, e.g. re-convert with dcm2niix.",
     )
