@@ -201,19 +201,29 @@ def _limit_file_size(limit: int):
 
 
 def test_disk_full_while_writing(corpus_run, tmp_path):
-    """RLIMIT_FSIZE (256 kB) in the app: the first large output fails with EFBIG. The image fails
-    with a message naming the file and the fix; nothing partial is left; a re-run completes and
-    equals the unconstrained run."""
+    """RLIMIT_FSIZE in the app. At 256 kB the work dir fails first (Nipype copies d3.js, 326 kB):
+    exit 1 and one line. At 512 kB the outputs fail (the preprocessed image is about 700 kB):
+    the image fails with a message naming the output and the fix, nothing partial is left, and a
+    re-run completes and equals the unconstrained run."""
     args = ["participant", "--participant-label", "good", "-w", corpus_run["work"]]
     args += ["--nprocs", "2", "--skip-bids-validation"]
     out = tmp_path / "out"
     proc = run_app(corpus_run["bids"], out, *args, preexec_fn=_limit_file_size(256 * 1024))
     assert proc.returncode == 1, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stderr.splitlines() if "File too large" in ln)
+    assert str(corpus_run["work"]) in line and "Free disk space" in line
+    assert "Traceback" not in proc.stderr
+    assert not part_files(out) and not list(out.rglob("*.nii.gz"))
+
+    proc = run_app(corpus_run["bids"], out, *args, preexec_fn=_limit_file_size(512 * 1024))
+    assert proc.returncode == 1, proc.stderr[-3000:]
     line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("  FAILED sub-good "))
-    assert "File too large" in line and "Free disk space" in line and str(out) in line
+    assert "File too large" in line and "Free disk space" in line
+    assert str(out / "sub-good" / "anat") in line and ".part" not in line
     assert "Traceback" not in proc.stderr
     assert not part_files(out) and not incomplete_files(out)
     assert not list(out.rglob("*_counts.tsv")) and not list(out.rglob("*.nii.gz"))
+
     proc = run_app(corpus_run["bids"], out, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ref = {k: v for k, v in digests(corpus_run["out"]).items() if k.startswith("sub-good/")}

@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             if err.errno in (errno.EACCES, errno.EPERM)
             else "Free disk space (or raise the quota)"
         )
+        target = err.filename2 or err.filename or "a file"  # a copy's destination, not source
         print(
-            f"cmb-bidsapp: error: {err.filename or 'a file'}: {err.strerror}. {fix} and re-run "
+            f"cmb-bidsapp: error: {target}: {err.strerror}. {fix} and re-run "
             "the same command with the same -w/--work-dir to resume; no partial output was left.",
             file=sys.stderr,
         )
@@ -425,8 +426,8 @@ def _run_workflow(config, wf, images) -> dict[str, Failure]:
         if message is None:
             message = "did not complete (a node crashed or was not run); see the log folder"
         source = str(image.files[0])
-        if Path(source).name not in message:  # name the file, as every message should
-            message = f"{source}: {message}"
+        if Path(source).name not in message and not message.startswith("/"):
+            message = f"{source}: {message}"  # name the file, as every message should
         failures[image.image_id] = Failure(_label(image), message, crashfile)
     return failures
 
@@ -437,8 +438,15 @@ class _TolerantCallback:
     def __init__(self, progress):
         self.progress = progress
         self.warned = False
+        self.crashed: set[int] = set()
 
     def __call__(self, node, status: str) -> None:
+        # Nipype reports a node run in the main process (the sink) as 'exception' and then 'end':
+        # the 'end' of a crashed node must not count its image as done.
+        if status == "exception":
+            self.crashed.add(id(node))
+        elif status == "end" and id(node) in self.crashed:
+            return
         try:
             self.progress(node, status)
         except OSError as err:
