@@ -1,4 +1,12 @@
-"""Entry point of `cmb-bidsapp`: validate, find inputs, build and run the workflow, report, exit code."""
+"""Entry point of `cmb-bidsapp`: validate, find inputs, build and run the workflow, report, exit code.
+
+Stopping and resuming: SIGTERM (exit 143) and Ctrl-C/SIGINT (exit 130) stop the run with one
+line; the MultiProc pool workers are stopped first (`stop_workers`), so none is left computing.
+Workers are forked with PR_SET_PDEATHSIG (`_install_fork_hook`), so that even kill -9 of the app
+takes them along. Outputs are published atomically per image by the derivatives writer, so a
+stopped or killed run leaves no incomplete visible file; its hidden `.part` files are removed by
+the next run (`io.remove_stale_parts`), which resumes from the work directory.
+"""
 
 from __future__ import annotations
 

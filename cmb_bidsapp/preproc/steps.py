@@ -1,5 +1,26 @@
 """The per-image preprocessing steps as the workflow calls them: checking and reading the input
-(echo combination, phase, QSM units) and choosing how to get the brain mask."""
+(echo combination, phase, QSM units) and choosing how to get the brain mask.
+
+Pre-flight (`check_input`, run on every image before the workflow starts)
+-----------------------------------------------------------------------
+An image that cannot be processed fails alone, at once, with one line naming the file and the
+fix; the other images are processed (exit 1 at the end). An image that is processed anyway but
+that the user should know about gives a warning line. The choices:
+
+- fails: unreadable, empty, truncated or corrupt files, wrong magic, broken symlinks and
+  git-annex pointers (content not fetched), complex or RGB data, more than 2^29 voxels, a true
+  4D image, fewer than 8 voxels along an axis (one slice), voxel sizes outside 0.3–7 mm,
+  an all-zero or constant image, MEGRE echoes (or phase) on different grids or without
+  `EchoTime`; at brain extraction: no brain (mask under 5 cm³, or only an implausible mask
+  over 3000 cm³, as for pure noise).
+- processed with a warning: voxel sizes between 0.3 and 0.4 mm or 5 and 7 mm (outside the
+  validated 0.4–5 mm: detection not validated there), NaN/Inf voxels (isolated ones take the
+  mean of their neighbours, a NaN background becomes 0), qform and sform that disagree (the
+  sform is used), no orientation at all (codes 0: voxel sizes with an assumed orientation), a
+  compression that disagrees with the file name.
+- processed silently: any orientation, oblique or left-handed affines, int or float data with
+  `scl_slope`/`scl_inter` applied, NIfTI-1 or NIfTI-2 in either byte order.
+"""
 
 from __future__ import annotations
 
