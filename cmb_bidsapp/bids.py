@@ -224,6 +224,34 @@ def check_dataset(bids_dir: Path) -> None:
             path=desc,
             fix='Add them, e.g. {"Name": "My study", "BIDSVersion": "1.10.0"}.',
         )
+    unreadable = _unreadable_folder(bids_dir)
+    if unreadable is not None:
+        raise InvalidDatasetError(
+            "cannot be read (permission denied)",
+            path=unreadable,
+            fix="Make the dataset readable by the user running the app (chmod -R a+rX BIDS_DIR).",
+        )
+
+
+_NOT_INDEXED = {"derivatives", "sourcedata", "code", "models", "stimuli"}
+
+
+def _unreadable_folder(bids_dir: Path) -> Path | None:
+    """The first folder of the dataset (as pybids indexes it) that cannot be listed, or None."""
+    failed: list[OSError] = []
+    for root, dirs, _ in os.walk(bids_dir, onerror=failed.append):
+        if failed:
+            break
+        here = Path(root)
+        dirs[:] = [
+            d
+            for d in dirs
+            if not d.startswith(".") and not (here == bids_dir and d in _NOT_INDEXED)
+        ]
+        for d in dirs:
+            if not os.access(here / d, os.R_OK | os.X_OK):
+                return here / d
+    return Path(failed[0].filename) if failed and failed[0].filename else None
 
 
 def _layout(bids_dir: Path):
@@ -233,6 +261,15 @@ def _layout(bids_dir: Path):
     try:
         indexer = BIDSLayoutIndexer(validate=False, index_metadata=False)
         return BIDSLayout(str(bids_dir), validate=False, derivatives=False, indexer=indexer)
+    except PermissionError as err:
+        where = Path(err.filename) if err.filename else bids_dir
+        if where.name == "layout_config.json":  # pybids looks for it in every folder it reads
+            where = where.parent
+        raise InvalidDatasetError(
+            "cannot be read (permission denied)",
+            path=where,
+            fix="Make the dataset readable by the user running the app (chmod -R a+rX BIDS_DIR).",
+        ) from None
     except Exception as err:  # pybids raises many types for broken datasets
         raise InvalidDatasetError(
             f"could not be indexed by pybids ({type(err).__name__}: {str(err).splitlines()[0][:120]})",

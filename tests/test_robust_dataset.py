@@ -201,3 +201,19 @@ def test_unprivileged_prefix_really_drops_read_rights(tmp_path):
     secret.chmod(0)
     assert subprocess.run([*prefix, "cat", str(secret)], capture_output=True).returncode != 0
     assert os.access(secret, os.R_OK)  # while this (root) process still could
+
+
+def test_unreadable_folder(tmp_path, dataset):
+    prefix = unprivileged_prefix()
+    if prefix is None:
+        pytest.skip("cannot run the app without root's file permissions here")
+    folder = dataset / "sub-02" / "anat"
+    folder.chmod(0)
+    try:
+        proc = run_app(
+            dataset, tmp_path / "out", "participant", "-w", tmp_path / "w", prefix=prefix
+        )
+    finally:
+        folder.chmod(0o755)
+    assert proc.returncode == 16, proc.stderr
+    _one_line_error(proc.stderr, str(folder), "permission denied", "chmod -R a+rX")
