@@ -157,6 +157,14 @@ def test_output_not_writable(tmp_path, dataset):
     assert proc.returncode == 64, proc.stderr
     _one_line_error(proc.stderr, "OUTPUT_DIR is not writable", str(locked), "bind it read-write")
     assert not (locked / "out").exists()
+    locked.chmod(0o555)
+    try:
+        proc = run_app(dataset, tmp_path / "o", "participant", "-w", locked / "w", prefix=prefix)
+    finally:
+        locked.chmod(0o755)
+    assert proc.returncode == 64, proc.stderr
+    _one_line_error(proc.stderr, "the work directory is not writable", str(locked))
+    assert not (tmp_path / "o").exists()
 
 
 def test_every_image_broken_exits_1_and_lists_them(tmp_path, dataset, capsys):

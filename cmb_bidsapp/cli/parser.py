@@ -263,6 +263,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
             path=work_dir,
             fix="Choose a work directory outside BIDS_DIR with -w.",
         )
+    if opts.analysis_level == "participant" and not opts.reports_only:
+        _check_writable(work_dir, "the work directory")
 
     ncpus = (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -310,15 +312,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
     )
 
 
-def _check_writable(output_dir: Path) -> None:
-    probe = output_dir
-    while not probe.exists():
+def _check_writable(folder: Path, what: str = "OUTPUT_DIR") -> None:
+    """Refuse (exit 64) a folder that is not one, or that the user cannot create or write."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError("OUTPUT_DIR is not a folder", path=probe, fix="Choose a folder path.")
+        raise UsageError(f"{what} is not a folder", path=probe, fix="Choose a folder path.")
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(
-            "OUTPUT_DIR is not writable",
+            f"{what} is not writable",
             path=probe,
             fix="Choose a folder you can write to (in a container, bind it read-write).",
         )
