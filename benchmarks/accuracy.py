@@ -5,18 +5,17 @@ Usage::
     python benchmarks/accuracy.py OUT_DIR [--n 32] [--seed 9001] [--kinds swi,t2starw,megre,qsm]
                                   [--bundle DIR] [--jobs 2] [--no-kd-ablation]
 
-1. Simulates ``--n`` subjects with :func:`cmb_bidsapp.synth.subject.simulate_subject`, the kinds
-   in turn, seeds from ``--seed`` (pick one no training run used), the simulator's REALISTIC
-   defaults (lesion counts, mimics, skull in about half): no override. Writes them as a BIDS
-   dataset ``OUT_DIR/bids`` and the reference masks and lesion tables (with MARS classes) as a
-   derivatives dataset ``OUT_DIR/reference``, named as the app names its outputs.
+1. Simulates ``--n`` subjects with ``cmb-bidsapp-synth OUT_DIR/bids --n-subjects N --seed S
+   --kinds ... --size full`` (pick a seed no training run used): the simulator's REALISTIC
+   defaults (lesion counts, mimics, skull in part of the cohort), no override. The reference
+   masks and lesion tables (with MARS classes) are in ``OUT_DIR/bids/derivatives/reference``.
 2. Runs detection the way the app does, per image found by :func:`cmb_bidsapp.bids.collect_inputs`:
    ``read_input`` → ``brain_mask`` (deepbet when a skull is detected) → ``n4_correct`` →
    ``lesion_bright`` → ``frst`` → :func:`cmb_bidsapp.models.infer.detect` with the bundle and its
    default threshold; writes ``<source>_label-CMB_mask.nii.gz`` into ``OUT_DIR/pred`` (and, for
    the KD ablation, the no-KD student's masks at its own validation threshold into
    ``OUT_DIR/pred_nokd``).
-3. Scores with ``cmb-bidsapp-eval OUT_DIR/pred OUT_DIR/reference`` and prints the table:
+3. Scores with ``cmb-bidsapp-eval OUT_DIR/pred OUT_DIR/bids/derivatives/reference`` and prints the table:
    lesion-wise sensitivity, FP per subject, precision, F1, count difference, per MARS class and
    per kind, and the KD gain. Everything is also written to ``OUT_DIR/accuracy.json``.
 """
@@ -33,55 +32,6 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-
-KIND_FILES = {"swi": ["swi", "part-phase_swi"], "t2starw": ["T2starw"], "qsm": ["Chimap"]}
-
-
-def _sub_label(i: int) -> str:
-    return f"{i + 1:03d}"
-
-
-def write_subject(i: int, seed: int, kind: str, out: Path) -> dict:
-    """Simulate one subject and write its raw BIDS files and its reference derivatives."""
-    import nibabel as nib
-
-    from cmb_bidsapp.io import atomic_save_nifti, atomic_write_json
-    from cmb_bidsapp.synth.subject import simulate_subject
-
-    sub = _sub_label(i)
-    anat = out / "bids" / f"sub-{sub}" / "anat"
-    ref = out / "reference" / f"sub-{sub}" / "anat"
-    if (ref / f"sub-{sub}_label-CMB_mask.nii.gz").exists():
-        return {"subject": sub, "kind": kind, "cached": True}
-    t0 = time.perf_counter()
-    sim = simulate_subject(seed, kind)
-    sources = []
-    for key, img in sim.images.items():
-        name = f"sub-{sub}_{key}.nii.gz"
-        atomic_save_nifti(img, anat / name)
-        atomic_write_json(anat / name.replace(".nii.gz", ".json"), sim.sidecars[key])
-        if "phase" not in key:
-            sources.append(f"bids:raw:sub-{sub}/anat/{name}")
-    mask = nib.Nifti1Image(
-        np.asarray(sim.reference_mask.dataobj, dtype=np.uint8), sim.reference_mask.affine
-    )
-    atomic_save_nifti(mask, ref / f"sub-{sub}_label-CMB_mask.nii.gz")
-    atomic_write_json(
-        ref / f"sub-{sub}_label-CMB_mask.json",
-        {"Type": "Lesion", "Sources": sources, "Description": "simulated reference"},
-    )
-    cols = ["lesion_id", "x", "y", "z", "i", "j", "k", "mars_class", "region", "visible"]
-    table = sim.lesions[[c for c in cols if c in sim.lesions.columns]]
-    table.to_csv(ref / f"sub-{sub}_desc-CMB_lesions.tsv", sep="\t", index=False)
-    return {
-        "subject": sub,
-        "kind": kind,
-        "lesions": int(len(sim.lesions)),
-        "mimics": int(len(sim.mimics)),
-        "skull": bool(sim.skull),
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-
 
 _BUNDLE = None
 
@@ -174,15 +124,28 @@ def main() -> None:
     from cmb_bidsapp.io import atomic_write_json
 
     t0 = time.perf_counter()
-    atomic_write_json(
-        out / "bids" / "dataset_description.json",
-        {
-            "Name": "cmb-bidsapp accuracy cohort (simulated)",
-            "BIDSVersion": "1.10.0",
-            "DatasetType": "raw",
-        },
-    )
-    for d in ("reference", "pred", "pred_nokd"):
+    ref_dir = out / "bids" / "derivatives" / "reference"
+    if not (ref_dir / "dataset_description.json").exists():
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cmb_bidsapp.cli.synth",
+                str(out / "bids"),
+                "--n-subjects",
+                str(args.n),
+                "--seed",
+                str(args.seed),
+                "--kinds",
+                ",".join(kinds),
+                "--size",
+                "full",
+                "--jobs",
+                str(args.jobs),
+            ],
+            check=True,
+        )
+    for d in ("pred", "pred_nokd"):
         atomic_write_json(
             out / d / "dataset_description.json",
             {
@@ -193,26 +156,12 @@ def main() -> None:
                 "SourceDatasets": [{"URL": str(out / "bids")}],
             },
         )
-    seeds = [
-        int(np.random.SeedSequence([args.seed, i]).generate_state(1)[0]) for i in range(args.n)
-    ]
-    ctx = get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as ex:
-        sims = list(
-            ex.map(
-                write_subject,
-                range(args.n),
-                seeds,
-                [kinds[i % len(kinds)] for i in range(args.n)],
-                [out] * args.n,
-            )
-        )
     t_sim = time.perf_counter() - t0
     from cmb_bidsapp.bids import collect_inputs
 
     images, _ = collect_inputs(out / "bids")
     t1 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as ex:
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as ex:
         rows = list(
             ex.map(
                 detect_image,
@@ -223,13 +172,12 @@ def main() -> None:
             )
         )
     t_det = time.perf_counter() - t1
-    scores = _eval(out / "pred", out / "reference", out / "eval" / "cmb_eval")
-    scores_nokd = _eval(out / "pred_nokd", out / "reference", out / "eval" / "cmb_eval_nokd")
+    scores = _eval(out / "pred", ref_dir, out / "eval" / "cmb_eval")
+    scores_nokd = _eval(out / "pred_nokd", ref_dir, out / "eval" / "cmb_eval_nokd")
     result = {
         "command": " ".join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
         "n_subjects": args.n,
         "seed": args.seed,
-        "simulation": sims,
         "images": rows,
         "simulate_s": round(t_sim, 1),
         "detect_s": round(t_det, 1),

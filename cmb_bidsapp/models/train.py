@@ -9,8 +9,8 @@ Stages (``--stages``; all by default, in this order)
         exactly as at inference (:func:`cmb_bidsapp.models.infer.detect`'s steps 1–3, in the
         source grid) and ``t_det`` is the HIGHEST threshold of ``T_DET_GRID`` that keeps at
         least ``sensitivity_target`` (97 %) of the reference microbleeds as candidates (lesion-
-        wise, :func:`cmb_bidsapp.evaluation.score_pair`, 3 mm or overlap); the lowest grid value
-        when none does.
+        wise, :func:`cmb_bidsapp.evaluation.score_pair`, 3 mm or overlap); when none does, the
+        threshold of highest candidate sensitivity (the highest such threshold on ties).
     ``teacher``
         Candidate patches (24³) of the TRAINING subjects: the detector's components at
         ``t_det · HARVEST_FACTOR`` (a lower threshold: the detector has seen these subjects, so
@@ -461,7 +461,11 @@ def choose_t_det(
             f"[t_det] {t:.2f}: candidate sensitivity {sens:.3f}, {ncand / max(len(vals), 1):.1f} candidates/image"
         )
     ok = [r for r in rows if r["sensitivity"] >= ctx.settings.sensitivity_target]
-    t_det = max(r["t_det"] for r in ok) if ok else min(grid)
+    if ok:
+        t_det = max(r["t_det"] for r in ok)
+    else:  # the target is out of reach: the most sensitive threshold (the highest on ties)
+        best = max(r["sensitivity"] for r in rows)
+        t_det = max(r["t_det"] for r in rows if r["sensitivity"] >= best - 1e-9)
     return float(t_det), rows
 
 
