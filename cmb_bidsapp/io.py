@@ -412,7 +412,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_parts(root: str | Path) -> list[Path]:
+def remove_stale_parts(root: str | Path, *, recursive: bool = True) -> list[Path]:
     """Delete the `.part` files that killed jobs left under `root`; return them.
 
     A `.part` file is stale when its writer (named in the file name) ran on this machine, in
@@ -422,7 +422,8 @@ def remove_stale_parts(root: str | Path) -> list[Path]:
     removed = []
     now = time.time()
     here = (_host(), _pid_namespace())
-    for part in Path(root).rglob(".*.part"):
+    root = Path(root)
+    for part in root.rglob(".*.part") if recursive else root.glob(".*.part"):
         m = _PART_RE.match(part.name)
         try:
             if m and (m["host"], int(m["ns"])) == here:

@@ -23,6 +23,7 @@ from corpus import (
     simulated_base,
 )
 
+from cmb_bidsapp import io
 from cmb_bidsapp.bids import BIDSIGNORE_LINES, dataset_description
 from cmb_bidsapp.validation import validate
 
@@ -74,16 +75,17 @@ def _status(out: Path, pid: int) -> dict | None:
     return None
 
 
-def _wait(proc, out, watcher, *, stages_seen: set[str], timeout: float = 400) -> str:
-    """Wait until the run shows a stage in progress that no earlier run was stopped in."""
+def _wait(proc, out, watcher, *, stages_seen: set[str], count: int, timeout=400) -> set[str]:
+    """Wait until the run has shown `count` stages in progress that no earlier run stopped in."""
     deadline = time.monotonic() + timeout
+    fresh: set[str] = set()
     while time.monotonic() < deadline:
         watcher.look()
         assert proc.poll() is None, "the run finished before it could be interrupted"
         status = _status(out, proc.pid) or {}
-        fresh = set(status.get("current_stage", {}).values()) - stages_seen
-        if fresh:
-            return sorted(fresh)[0]
+        fresh |= set(status.get("current_stage", {}).values()) - stages_seen
+        if len(fresh) >= count:
+            return fresh
         time.sleep(0.2)
     raise AssertionError("no stage in progress within the time limit")
 
@@ -167,8 +169,7 @@ def test_sigterm_sigint_sigkill_then_resume(concurrent, dataset, tmp_path):
     ):
         log = tmp_path / f"run{n}.log"
         proc = _start(bids, out, work, *args, log=log)
-        seen.add(_wait(proc, out, watcher, stages_seen=seen))
-        time.sleep(1.0)
+        seen |= _wait(proc, out, watcher, stages_seen=seen, count=n + 1)  # later and later
         workers = descendants(proc.pid)
         assert workers, "no worker processes to check"
         proc.send_signal(sig)
@@ -187,6 +188,11 @@ def test_sigterm_sigint_sigkill_then_resume(concurrent, dataset, tmp_path):
     assert not watcher.problems
     print(f"stopped in stages: {sorted(seen)}; OUTPUT_DIR checked {watcher.looks} times")
 
+    # what a kill -9 inside the writer's transaction leaves: a hidden .part of a dead writer
+    owner = f"{io._host()}@{io._pid_namespace()}@{proc.pid}"
+    planted = out / "sub-a" / "anat" / f".sub-a_desc-brain_mask.nii.gz.{owner}.x1.part"
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(b"\x1f\x8b half")
     proc = run_app(bids, out, "participant", "-w", work, "--skip-bids-validation", *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not part_files(out) and not incomplete_files(out)

@@ -284,7 +284,12 @@ def run_participant(config) -> int:
 
     writer = DerivativesWriter(config.output_dir, config.bids_dir)
     writer.init_dataset()
-    stale = remove_stale_parts(config.output_dir)
+    # Leftovers of killed runs: at the top, in logs/ and in the selected subjects' folders only
+    # (a cluster array of jobs must not each walk the whole derivatives tree).
+    stale = remove_stale_parts(config.output_dir, recursive=False)
+    stale += remove_stale_parts(config.output_dir / "logs", recursive=False)
+    for subject in sorted({i.subject for i in inputs}):
+        stale += remove_stale_parts(config.output_dir / f"sub-{subject}")
     if stale:
         LOGGER.info("removed %d partial file(s) left by a killed run", len(stale))
     config.log_dir.mkdir(parents=True, exist_ok=True)
