@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--epochs", type=int, default=None, help="maximum epochs of every stage")
     t.add_argument("--iters", type=int, default=None, help="optimiser steps per epoch")
-    t.add_argument("--patience", type=int, default=6, help="early-stopping patience (epochs)")
+    t.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (teacher, students)")
     t.add_argument("--detector-lr", type=float, default=2e-3, help="Adam learning rate (detector)")
     t.add_argument("--kd-temperature", type=float, default=4.0)

@@ -73,8 +73,11 @@ from ..evaluation import score_pair
 from ..io import atomic_write_bytes
 from . import networks
 from .data import MATCH_MM, Prepared
+from .grid import voxel_sizes_of
 from .infer import (
+    MAX_CANDIDATE_MM3,
     MAX_WINDOW,
+    MIN_CANDIDATE_MM3,
     OVERLAP,
     candidates_from_probability,
     classify_patches,
@@ -107,10 +110,10 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"
     stages: tuple[str, ...] = STAGES
-    detector_epochs: int = 40
-    teacher_epochs: int = 40
-    student_epochs: int = 40
-    patience: int = 6
+    detector_epochs: int = 30
+    teacher_epochs: int = 20
+    student_epochs: int = 20
+    patience: int = 5
     lr: float = 1e-3
     detector_lr: float = 2e-3
     detector_widths: tuple[int, ...] = networks.DETECTOR_WIDTHS
@@ -121,8 +124,8 @@ class TrainSettings:
     detector_iters: int = 50
     detector_val_patches: int = 96
     patch_size: int = networks.PATCH_SIZE
-    disc_batch: int = 32
-    disc_iters: int = 50
+    disc_batch: int = 16
+    disc_iters: int = 40
     seg_weight: float = 1.0
     kd_temperature: float = KD_TEMPERATURE
     kd_alpha: float = KD_ALPHA
@@ -558,7 +561,8 @@ def harvest_training_candidates(
         cand, n = ndi.label(p_w >= threshold, structure=np.ones((3, 3, 3), dtype=bool))
         if n:
             sizes = np.bincount(cand.ravel(), minlength=n + 1)[1:]
-            keep_ids = np.flatnonzero(sizes * 0.512 >= 1.0) + 1
+            vol = sizes * float(np.prod(voxel_sizes_of(p.grid.affine)))
+            keep_ids = np.flatnonzero((vol >= MIN_CANDIDATE_MM3) & (vol <= MAX_CANDIDATE_MM3)) + 1
             cw = component_centres(p_w, cand, n)[keep_ids - 1]
             lab = _label_candidates_against(
                 cand, n, component_centres(p_w, cand, n), p.ref, p.grid.affine
