@@ -347,6 +347,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         s.detector_epochs = s.teacher_epochs = s.student_epochs = args.epochs
     if args.iters is not None:
         s.detector_iters = s.disc_iters = args.iters
+    if args.toy:  # smoke runs: small validation and batches
+        s.detector_val_patches, s.detector_batch, s.disc_batch = 8, 4, 8
     init = None
     if args.init_from:
         init = load_bundle(

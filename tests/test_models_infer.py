@@ -1,0 +1,174 @@
+"""Inference: windows, candidate assembly, determinism, networks, and the default bundle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cmb_bidsapp.models import networks
+from cmb_bidsapp.models.bundle import default_bundle_path, load_bundle, save_bundle
+from cmb_bidsapp.models.infer import (
+    assemble,
+    detect,
+    detector_probability,
+    gaussian_importance,
+    plan_windows,
+)
+
+
+@pytest.mark.parametrize("shape", [(190, 235, 210), (40, 50, 30), (113, 112, 111)])
+def test_windows_cover_the_volume(shape):
+    size, starts = plan_windows(shape, 112, 16)
+    assert all(s % 4 == 0 and s <= 112 + 3 for s in size)
+    cover = np.zeros(shape, dtype=bool)
+    for st in starts:
+        cover[tuple(slice(a, a + w) for a, w in zip(st, size))] = True
+    assert cover.all()
+    w = gaussian_importance(size)
+    assert w.max() == 1.0 and w.min() >= 1e-3
+
+
+def test_network_shapes_and_parameter_counts():
+    x = torch.zeros(2, 2, 24, 24, 24)
+    det = networks.UNet3D()
+    assert det(torch.zeros(1, 2, 32, 32, 32)).shape == (1, 2, 32, 32, 32)
+    t = networks.Teacher()
+    zc, zs = t(x)
+    assert zc.shape == (2, 2) and zs.shape == (2, 2, 24, 24, 24)
+    s = networks.Student()
+    assert s(x).shape == (2, 2)
+    assert networks.n_parameters(s) < networks.n_parameters(t)
+    # BatchNorm folding keeps the outputs.
+    det.eval()
+    xin = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        for m in det.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 2.0)
+        ref = det(xin)
+        fused = networks.fuse_batchnorm(det)(xin)
+    assert torch.allclose(ref, fused, atol=1e-4)
+
+
+def test_assemble_probseg_peaks_at_student_score():
+    cand = np.zeros((20, 20, 10), dtype=np.int32)
+    cand[2:5, 2:5, 2:4] = 1
+    cand[10:13, 10:13, 5:7] = 2
+    p = np.where(cand > 0, 0.3, 0.0).astype(np.float32)
+    p[3, 3, 3] = 0.9
+    p[11, 11, 6] = 0.6
+    scores = np.array([0.8, 0.2], dtype=np.float32)
+    centres = np.array([[3.0, 3.0, 2.5], [11.0, 11.0, 5.5]])
+    probseg, labels, kept, rejected = assemble(p, cand, scores, 0.5, centres, centres, np.eye(4))
+    assert probseg[cand == 1].max() == pytest.approx(0.8)
+    assert probseg[cand == 2].max() == pytest.approx(0.2)
+    assert probseg[cand == 0].max() == 0.0
+    assert labels.max() == 1 and np.array_equal(labels > 0, cand == 1)
+    assert kept.tolist() == [pytest.approx(0.8)]
+    assert len(rejected) == 1 and rejected[0]["candidate_id"] == 2
+    # Thresholding probseg at the operating point finds the same lesions as the mask.
+    from scipy import ndimage as ndi
+
+    assert ndi.label(probseg >= 0.5)[1] == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    torch.manual_seed(0)
+    models = {
+        "detector": networks.UNet3D((4, 8, 8)),
+        "teacher": networks.Teacher((4, 8, 8)),
+        "student": networks.Student((4, 8, 8)),
+    }
+    meta = {
+        "name": "tiny",
+        "version": "0",
+        "networks": {
+            "detector": {"widths": [4, 8, 8]},
+            "teacher": {"widths": [4, 8, 8], "patch_size": 24},
+            "student": {"widths": [4, 8, 8], "patch_size": 24},
+        },
+        "t_det": 0.5,
+        "default_threshold": 0.5,
+    }
+    return save_bundle(tmp_path_factory.mktemp("b") / "bundle", models, meta)
+
+
+def test_detect_is_deterministic_and_in_source_grid(tiny_bundle):
+    from cmb_bidsapp.models.data import preprocess, raw_from_toy
+
+    raw = raw_from_toy(3)
+    lb, fr = preprocess(raw.image, raw.affine, raw.brain, "swi")
+    b = load_bundle(tiny_bundle, "cpu")
+    r1 = detect(lb, fr, raw.brain, raw.affine, b, t_det=0.0001, threshold=0.0)
+    r2 = detect(lb, fr, raw.brain, raw.affine, b, t_det=0.0001, threshold=0.0)
+    assert r1.probseg.shape == raw.image.shape
+    assert np.array_equal(r1.probseg, r2.probseg) and np.array_equal(r1.labels, r2.labels)
+    assert r1.probseg[raw.brain == 0].max() == 0.0
+    assert set(r1.seconds) >= {"detector", "student", "total"}
+
+
+def test_detector_probability_matches_single_window():
+    torch.manual_seed(1)
+    det = networks.UNet3D((4, 8, 8)).eval()
+    vol = np.random.default_rng(0).random((2, 40, 36, 28)).astype(np.float32)
+    whole = detector_probability(det, vol, max_window=112)
+    tiled = detector_probability(det, vol, max_window=24, overlap=8)
+    # Tiles see zero padding at their borders; the Gaussian blending keeps them close inside.
+    inner = (slice(8, -8),) * 3
+    assert np.corrcoef(whole[inner].ravel(), tiled[inner].ravel())[0, 1] > 0.95
+
+
+def _default_bundle_or_skip():
+    if not (default_bundle_path() / "bundle.json").exists():
+        pytest.skip("no default bundle shipped yet")
+    return load_bundle(None, "cpu")
+
+
+def test_default_bundle_loads_and_is_small():
+    b = _default_bundle_or_skip()
+    size = sum(f.stat().st_size for f in default_bundle_path().iterdir())
+    assert size <= 50 * 1024 * 1024
+    assert 0.0 < b.t_det < 1.0 and 0.0 < b.default_threshold < 1.0
+    card = (default_bundle_path() / "model_card.md").read_text()
+    assert "SIMULATED" in card
+    assert b.thresholds and {"threshold", "sensitivity", "fp_per_subject"} <= set(b.thresholds[0])
+
+
+@pytest.mark.slow
+def test_default_bundle_finds_simulated_microbleeds():
+    """A full simulated SWI with 4 clearly visible microbleeds: found within 2 mm, on CPU."""
+    b = _default_bundle_or_skip()
+    from scipy import ndimage as ndi
+
+    from cmb_bidsapp.models.data import preprocess, raw_from_simulated
+    from cmb_bidsapp.synth.subject import simulate_subject
+
+    sim = simulate_subject(
+        424242,
+        "swi",
+        size="full",
+        skull=False,
+        n_microbleeds=4,
+        cmb_diameter_range=(1.4, 2.0),
+        cmb_chi_range=(1.0, 1.5),
+        mimic_rate=0.0,
+    )
+    raw = raw_from_simulated(sim, "sub-t", "t")
+    lb, fr = preprocess(raw.image, raw.affine, raw.brain, "swi")
+    res = detect(lb, fr, raw.brain, raw.affine, b)
+    ref = np.asarray(sim.reference_mask.dataobj) > 0
+    rl, rn = ndi.label(ref, structure=np.ones((3, 3, 3)))
+    assert rn >= 3
+    aff = raw.affine
+    ref_c = np.asarray(ndi.center_of_mass(ref, rl, range(1, rn + 1))) @ aff[:3, :3].T + aff[:3, 3]
+    n = int(res.labels.max())
+    pred = res.labels > 0
+    pred_c = np.asarray(ndi.center_of_mass(pred, res.labels, range(1, n + 1))).reshape(-1, 3)
+    pred_c = pred_c @ aff[:3, :3].T + aff[:3, 3]
+    d = np.sqrt(((ref_c[:, None] - pred_c[None]) ** 2).sum(-1)) if n else np.full((rn, 1), 99.0)
+    found = (d.min(axis=1) <= 2.0).sum()
+    assert found >= rn - 1, (found, rn, d.min(axis=1))
+    assert n - found <= 2  # few false positives on this subject
