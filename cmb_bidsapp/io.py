@@ -28,6 +28,8 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 MAX_VOXELS = 2**29
 """Largest image accepted, in voxels (2 GiB as float32); a larger header is corrupt or needs a crop."""
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 MAX_AFFINE_MM = 1e6
 """An affine with an entry beyond this (mm: a kilometre) is corrupt."""
 
@@ -269,6 +271,8 @@ def load_nifti(
     try:
         with _quiet_nibabel(), np.errstate(all="ignore"):
             data = np.asanyarray(img.dataobj, dtype=np.float32)
+        if isinstance(data, np.memmap) or not data.flags.writeable:
+            data = np.array(data)  # in memory, never a map of the user's (uncompressed) file
     except PermissionError:
         raise InputError(
             "cannot be read (permission denied)",
@@ -321,13 +325,13 @@ def _fill_non_finite(data: np.ndarray, finite: np.ndarray) -> int:
 
     size = (3, 3, 3) + (1,) * (data.ndim - 3)
     n_box = float(np.prod(size))
-    values = np.where(finite, data, np.float32(0))
+    values = np.where(finite, data, 0).astype(np.float64)  # float64: no overflow near 3e38
     total = ndi.uniform_filter(values, size, mode="constant") * n_box
-    count = ndi.uniform_filter(finite.astype(np.float32), size, mode="constant") * n_box
+    count = np.rint(ndi.uniform_filter(finite.astype(np.float64), size, mode="constant") * n_box)
     bad = ~finite
     isolated = bad & (count >= n_box / 2)
     data[bad] = 0.0
-    data[isolated] = total[isolated] / count[isolated]
+    data[isolated] = np.clip(total[isolated] / count[isolated], -FLOAT32_MAX, FLOAT32_MAX)
     return int(isolated.sum())
 
 
