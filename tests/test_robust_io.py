@@ -247,3 +247,11 @@ def test_check_input_megre(tmp_path):
     with pytest.raises(InputError, match="EchoTime"):
         check_input(_input([e1, e2], "megre", (0.01,)))
     assert check_input(_input([e1, e2], "megre", (0.01, 0.02))) == []
+
+
+def test_broken_t1w_is_dropped_with_a_warning(tmp_path):
+    image = _input([_save(tmp_path / "t2s.nii.gz", _data())])
+    image.t1w = _write(tmp_path, "t1w.nii.gz", gzip.compress(_raw())[:100])
+    warnings = check_input(image)
+    assert image.t1w is None
+    assert len(warnings) == 1 and "t1w.nii.gz" in warnings[0] and "not used" in warnings[0]

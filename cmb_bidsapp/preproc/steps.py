@@ -135,8 +135,17 @@ def check_input(image) -> list[str]:
     MEGRE echoes on different grids or without EchoTime, an all-zero or constant image. Returns
     one line per thing the user should know about an image that is processed anyway (NaN voxels
     set to 0, qform/sform disagreement, unvalidated voxel sizes, a misnamed compression).
+
+    A T1w that cannot be read is optional help (registration): it is dropped from the image
+    (`image.t1w = None`) with a warning, and the image is processed without it.
     """
     notes: list[str] = []
+    if getattr(image, "t1w", None) is not None:
+        try:
+            _load_all([str(image.t1w)])
+        except InputError as err:
+            notes.append(f"{err.format()} This T1w is not used; registration uses the image alone.")
+            image.t1w = None
     imgs = _load_all([str(f) for f in image.files], notes)
     notes.extend(check_geometry(imgs[0], image.files[0]))
     for img, f in zip(imgs[1:], image.files[1:]):
