@@ -268,6 +268,16 @@ def load_nifti(
             path=path,
             fix="Export the magnitude (or the QSM map) as a real-valued image.",
         )
+    # A header may promise more data than the file can hold: refuse before allocating it.
+    # Deflate expands at most about 1032 times, which bounds a gzip file's content.
+    on_disk = path.stat().st_size
+    promised = int(img.header.get_data_offset()) + n_voxels * dtype.itemsize
+    if promised > (on_disk * 1032 + 1024 if gzipped else on_disk):
+        raise InputError(
+            f"is truncated ({on_disk} bytes on disk for {promised} bytes of header and data)",
+            path=path,
+            fix=_FIX_CORRUPT,
+        )
     try:
         with _quiet_nibabel(), np.errstate(all="ignore"):
             data = np.asanyarray(img.dataobj, dtype=np.float32)
