@@ -203,7 +203,7 @@ def _write_dataset(root: Path, files: list[tuple[str, object]]) -> None:
                 path.write_text(json.dumps(content))
 
 
-@FUZZ
+@settings(FUZZ, max_examples=_EXAMPLES or 25)  # a pybids layout per example: slower
 @given(
     files=st.lists(bids_file(), min_size=0, max_size=8),
     kind=st.sampled_from(["auto", *INPUT_KINDS]),
