@@ -119,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("resources")
     r.add_argument("-w", "--work-dir", type=Path, default=Path("work-train"))
     r.add_argument("--resume", action="store_true", help="continue in the same work dir")
+    r.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="simulate/prepare the data into WORK_DIR and stop (train later with --resume)",
+    )
     r.add_argument("--jobs", type=int, default=1, help="data-preparation processes")
     r.add_argument("--nthreads", type=int, default=None, help="torch threads for training")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -327,6 +332,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         items, set(val_keys), args.jobs, not args.no_enrich, log, not args.no_progress
     )
     data_s = time.perf_counter() - t0
+    if args.prepare_only:
+        (work / "data_summary.json").write_text(json.dumps(summaries, indent=1))
+        log(f"data prepared in {data_s / 60:.1f} min under {work / 'data'}; stopping (--prepare-only)")
+        return EXIT_OK
     by_key = {it["key"]: it for it in items}
     train = [load_prepared(by_key[k]["folder"], source=False) for k in train_keys]
     val = [load_prepared(by_key[k]["folder"]) for k in val_keys]

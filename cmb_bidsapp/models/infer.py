@@ -16,6 +16,10 @@
    chosen on validation to keep >= 97 % of reference microbleeds) with a volume within
    [``MIN_CANDIDATE_MM3``, ``MAX_CANDIDATE_MM3``] = [1, 1000] mm³, numbered deterministically
    (:func:`cmb_bidsapp.detect.candidates.label_candidates`: by centre of mass along k, j, i).
+   A component larger than the upper bound (a microbleed whose response touches a vein's, or
+   several responses merged at a low ``t_det``) is not dropped whole: it is split by raising the
+   threshold inside it through ``SPLIT_LEVELS`` until its parts fit
+   (:func:`split_oversized`); only what is still too large at 0.9 is dropped.
 4. Each candidate gets a 24³ working-grid patch centred on its probability-weighted centre of
    mass, and the student's softmax probability of the "microbleed" class, ``s_c``. Patches are
    scored in batches of ``batch_size``.
@@ -55,6 +59,8 @@ MAX_WINDOW = 112
 OVERLAP = 16
 MIN_CANDIDATE_MM3 = 1.0
 MAX_CANDIDATE_MM3 = 1000.0
+SPLIT_LEVELS: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65, 0.8, 0.9)
+"""Thresholds tried, in turn, inside a candidate component larger than the upper bound."""
 
 
 @dataclass
@@ -193,6 +199,37 @@ def component_centres(prob: np.ndarray, labels: np.ndarray, n: int) -> np.ndarra
     )
 
 
+def split_oversized(
+    prob: np.ndarray,
+    threshold: float,
+    voxel_sizes: tuple[float, ...],
+    max_volume_mm3: float = MAX_CANDIDATE_MM3,
+    levels: tuple[float, ...] = SPLIT_LEVELS,
+) -> np.ndarray:
+    """``prob`` with every component of ``prob >= threshold`` above ``max_volume_mm3`` (mm³)
+    reduced to its parts at the next higher level of ``levels`` (voxels below it set to 0),
+    repeated until no component is too large or the levels run out. Other voxels are unchanged,
+    so ``prob_split >= threshold`` gives the ordinary components plus the split parts.
+    """
+    out = np.asarray(prob, dtype=np.float32)
+    copied = False
+    vvol = float(np.prod(np.asarray(voxel_sizes, dtype=float)))
+    structure = np.ones((3, 3, 3), dtype=bool)
+    for level in (lv for lv in levels if lv > threshold):
+        lab, n = ndi.label(out >= threshold, structure=structure)
+        if n == 0:
+            break
+        big = np.flatnonzero(np.bincount(lab.ravel(), minlength=n + 1)[1:] * vvol > max_volume_mm3)
+        if big.size == 0:
+            break
+        lut = np.zeros(n + 1, dtype=bool)
+        lut[big + 1] = True
+        if not copied:
+            out, copied = out.copy(), True
+        out[lut[lab] & (out < level)] = 0.0
+    return out
+
+
 def _to_working_inputs(
     lesion_bright: np.ndarray, frst_map: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray
 ) -> tuple[WorkingGrid, np.ndarray, np.ndarray]:
@@ -220,12 +257,14 @@ def candidates_from_probability(
     inf = inference or {}
     p_src = to_source(p_w, grid.affine, brain.shape, affine)
     p_src[~(np.asarray(brain) > 0)] = 0.0
+    vs = tuple(voxel_sizes_of(affine))
+    max_mm3 = float(inf.get("max_candidate_mm3", MAX_CANDIDATE_MM3))
     cand, n = label_candidates(
-        p_src,
+        split_oversized(p_src, t_det, vs, max_mm3),
         t_det,
-        tuple(voxel_sizes_of(affine)),
+        vs,
         min_volume_mm3=float(inf.get("min_candidate_mm3", MIN_CANDIDATE_MM3)),
-        max_volume_mm3=float(inf.get("max_candidate_mm3", MAX_CANDIDATE_MM3)),
+        max_volume_mm3=max_mm3,
     )
     centres_src = component_centres(p_src, cand, n)
     if n:

@@ -83,6 +83,7 @@ from .infer import (
     classify_patches,
     component_centres,
     detector_probability,
+    split_oversized,
     working_inputs,
 )
 from .losses import KD_ALPHA, KD_TEMPERATURE, distillation_loss, segmentation_loss
@@ -558,7 +559,9 @@ def harvest_training_candidates(
         image = _f32(p.image)
         p_w = detector_probability(detector, image, p.brain, device=ctx.device)
         p_w[np.asarray(p.brain) == 0] = 0.0
-        cand, n = ndi.label(p_w >= threshold, structure=np.ones((3, 3, 3), dtype=bool))
+        vs = tuple(voxel_sizes_of(p.grid.affine))
+        p_split = split_oversized(p_w, threshold, vs, MAX_CANDIDATE_MM3)
+        cand, n = ndi.label(p_split >= threshold, structure=np.ones((3, 3, 3), dtype=bool))
         if n:
             sizes = np.bincount(cand.ravel(), minlength=n + 1)[1:]
             vol = sizes * float(np.prod(voxel_sizes_of(p.grid.affine)))
