@@ -334,7 +334,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     data_s = time.perf_counter() - t0
     if args.prepare_only:
         (work / "data_summary.json").write_text(json.dumps(summaries, indent=1))
-        log(f"data prepared in {data_s / 60:.1f} min under {work / 'data'}; stopping (--prepare-only)")
+        log(
+            f"data prepared in {data_s / 60:.1f} min under {work / 'data'}; stopping (--prepare-only)"
+        )
         return EXIT_OK
     by_key = {it["key"]: it for it in items}
     train = [load_prepared(by_key[k]["folder"], source=False) for k in train_keys]
