@@ -106,7 +106,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--stages", type=_stages, default=["detector", "teacher", "student"], help="stages to run"
     )
     t.add_argument("--epochs", type=int, default=None, help="maximum epochs of every stage")
+    for stage in ("detector", "teacher", "student"):
+        t.add_argument(
+            f"--{stage}-epochs",
+            type=int,
+            default=None,
+            help=f"maximum epochs ({stage}; overrides --epochs)",
+        )
     t.add_argument("--iters", type=int, default=None, help="optimiser steps per epoch")
+    t.add_argument(
+        "--detector-iters",
+        type=int,
+        default=None,
+        help="detector steps per epoch (overrides --iters)",
+    )
     t.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (teacher, students)")
     t.add_argument("--detector-lr", type=float, default=2e-3, help="Adam learning rate (detector)")
@@ -356,8 +369,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     )
     if args.epochs is not None:
         s.detector_epochs = s.teacher_epochs = s.student_epochs = args.epochs
+    for stage in ("detector", "teacher", "student"):
+        if getattr(args, f"{stage}_epochs") is not None:
+            setattr(s, f"{stage}_epochs", getattr(args, f"{stage}_epochs"))
     if args.iters is not None:
         s.detector_iters = s.disc_iters = args.iters
+    if args.detector_iters is not None:
+        s.detector_iters = args.detector_iters
     if args.toy:  # smoke runs: small validation and batches
         s.detector_val_patches, s.detector_batch, s.disc_batch = 8, 4, 8
     init = None

@@ -3,7 +3,9 @@
 Stages (``--stages``; all by default, in this order)
     ``detector``
         The 3D U-Net on ``DETECTOR_PATCH``³ patches (:mod:`cmb_bidsapp.models.sampling`),
-        soft Dice + voxel-weighted CE, Adam, cosine learning-rate decay over the maximum number
+        against the detector target (the reference with microbleeds under 8 voxels dilated by
+        one voxel, :func:`~cmb_bidsapp.models.sampling.detector_target`), soft Dice +
+        voxel-weighted CE, Adam, cosine learning-rate decay over the maximum number
         of epochs. Validation: the same loss on a fixed set of un-augmented patches of the
         validation subjects. Then ``t_det``: the detector runs on every validation image
         exactly as at inference (:func:`cmb_bidsapp.models.infer.detect`'s steps 1–3, in the
@@ -92,6 +94,7 @@ from .sampling import (
     DETECTOR_PATCH,
     augment,
     detector_pools,
+    detector_target,
     extract_patch,
     sample_detector_centres,
 )
@@ -317,8 +320,13 @@ def detector_batch(
     size: int,
     rng: np.random.Generator,
     augmented: bool = True,
+    targets: Sequence[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` detector patches: images (n, 2, s, s, s) float32 and labels (n, s, s, s) int64."""
+    """``n`` detector patches: images (n, 2, s, s, s) float32 and labels (n, s, s, s) int64.
+
+    The labels come from ``targets`` (one per subject; :func:`~.sampling.detector_target`)
+    when given, else from the reference masks.
+    """
     xs, ys = [], []
     for _ in range(n):
         i = int(rng.integers(len(subjects)))
@@ -328,7 +336,7 @@ def detector_batch(
             c = np.asarray(p.brain.shape)[None] // 2
         c = c[0]
         x = _f32(extract_patch(p.image, c, size))
-        y = extract_patch(p.ref, c, size)
+        y = extract_patch(p.ref if targets is None else targets[i], c, size)
         if augmented:
             b = extract_patch(p.brain, c, size)
             x, (y,) = augment(x, [y], b, rng)
@@ -342,13 +350,15 @@ def train_detector(
 ) -> dict[str, Any]:
     s = ctx.settings
     dev = ctx.device
+    targets = [detector_target(p.ref) for p in train]
+    vtargets = [detector_target(p.ref) for p in val]
     pools = [
-        detector_pools(p.ref, p.brain, p.image[1], p.mimics_vox, seed=s.seed + i)
-        for i, p in enumerate(train)
+        detector_pools(t, p.brain, p.image[1], p.mimics_vox, seed=s.seed + i)
+        for i, (p, t) in enumerate(zip(train, targets))
     ]
     vpools = [
-        detector_pools(p.ref, p.brain, p.image[1], p.mimics_vox, seed=s.seed + 10_000 + i)
-        for i, p in enumerate(val)
+        detector_pools(t, p.brain, p.image[1], p.mimics_vox, seed=s.seed + 10_000 + i)
+        for i, (p, t) in enumerate(zip(val, vtargets))
     ]
     vx, vy = detector_batch(
         val,
@@ -357,11 +367,14 @@ def train_detector(
         s.detector_patch,
         np.random.default_rng([s.seed, 11]),
         augmented=False,
+        targets=vtargets,
     )
     model.to(dev)
 
     def train_step(rng: np.random.Generator) -> float:
-        x, y = detector_batch(train, pools, s.detector_batch, s.detector_patch, rng)
+        x, y = detector_batch(
+            train, pools, s.detector_batch, s.detector_patch, rng, targets=targets
+        )
         x_t, y_t = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
         return _step(model, segmentation_loss(model(x_t), y_t))
 
