@@ -23,12 +23,14 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cmb-bidsapp-synth $(DEMO)/bids --n-subjects 3 --size small --kinds swi,t2starw,megre --skull-fraction 0.34 --seed 42
-	$(BIN)/cmb-bidsapp $(DEMO)/bids $(DEMO)/derivatives participant -w $(DEMO)/work --skip-bids-validation
+	$(BIN)/cmb-bidsapp-synth $(DEMO)/bids --n-subjects 4 --size small --kinds mix --skull-fraction 0.5 --seed 42
+	$(BIN)/cmb-bidsapp $(DEMO)/bids $(DEMO)/derivatives participant -w $(DEMO)/work
 	$(BIN)/cmb-bidsapp $(DEMO)/bids $(DEMO)/derivatives group
 	@echo ""
-	@echo "Demo finished. Reports:"
+	@echo "Demo finished. Open these reports in a browser:"
 	@ls -1 $(abspath $(DEMO))/derivatives/*.html
+	@echo "Score the detections against the simulated truth with:"
+	@echo "  $(BIN)/cmb-bidsapp-eval $(DEMO)/derivatives $(DEMO)/bids/derivatives/reference"
 
 system-test-deps:
 	./scripts/install-test-system-deps.sh

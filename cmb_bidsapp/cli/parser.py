@@ -54,6 +54,19 @@ def _probability(value: str) -> float:
     return number
 
 
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to an option's help, unless the help already says its default or
+    there is nothing to say (None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return text + " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs through sphinx-argparse)."""
     parser = _Parser(
@@ -63,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             "a BIDS dataset, and write BIDS-Derivatives: probability map, lesion mask, lesion table "
             "with MARS regions, counts and an HTML QC report per subject."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("bids_dir", type=Path, help="the root of the raw BIDS dataset (read only)")

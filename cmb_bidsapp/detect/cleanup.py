@@ -1315,3 +1315,49 @@ def tissue_in_native(result, native) -> dict[str, np.ndarray]:
         k: np.clip(resample_to_native(v, result, native, order=1), 0.0, 1.0).astype(np.float32)
         for k, v in tissue_priors(result.template).items()
     }
+
+
+def candidate_ids_of(labels: np.ndarray, candidates: np.ndarray) -> dict[int, int]:
+    """``{lesion_id: candidate_id}``: the candidate number under each lesion of ``labels``
+    (the candidate holding most of the lesion's voxels; a lesion is one kept candidate, so there
+    is normally exactly one)."""
+    lab = np.asarray(labels).astype(np.int64, copy=False)
+    cand = np.asarray(candidates).astype(np.int64, copy=False)
+    inside = (lab > 0) & (cand > 0)
+    if not inside.any():
+        return {}
+    pairs, counts = np.unique(np.stack([lab[inside], cand[inside]]), axis=1, return_counts=True)
+    best: dict[int, tuple[int, int]] = {}
+    for (lesion, candidate), n in zip(pairs.T.tolist(), counts.tolist()):
+        # ties go to the lower candidate number (deterministic)
+        if lesion not in best or n > best[lesion][1]:
+            best[lesion] = (candidate, n)
+    return {lesion: cand_id for lesion, (cand_id, _) in best.items()}
+
+
+def merge_rejected(
+    discriminator: pd.DataFrame | None,
+    cleanup: pd.DataFrame,
+    lesion_to_candidate: Mapping[int, int] | None = None,
+) -> pd.DataFrame:
+    """One table of every rejected candidate: those the discriminator scored below the threshold
+    (``discriminator``: ``candidate_id``, position, ``probability``, ``rule``) and the lesions the
+    clean-up removed (``cleanup``: :attr:`CleanupResult.rejected`, with ``lesion_id``), the latter
+    given their ``candidate_id`` through ``lesion_to_candidate``. Columns: those of
+    ``candidate_id`` and ``REJECTED_COLUMNS`` first, then any others; rows sorted by ``candidate_id`` (then
+    ``lesion_id``), so that the table reads in the detector's order."""
+    cl = cleanup.copy()
+    if lesion_to_candidate is not None and len(cl):
+        cl["candidate_id"] = [
+            lesion_to_candidate.get(int(i), np.nan) for i in cl["lesion_id"].to_numpy()
+        ]
+    frames = [f for f in (discriminator, cl) if f is not None and len(f)]
+    merged = pd.concat(frames, ignore_index=True) if frames else cl.iloc[0:0].copy()
+    first = ["candidate_id", *REJECTED_COLUMNS]
+    for col in first:
+        if col not in merged:
+            merged[col] = np.nan
+    merged = merged[first + [c for c in merged.columns if c not in first]]
+    for col in ("candidate_id", "lesion_id"):
+        merged[col] = merged[col].astype("Int64")
+    return merged.sort_values(["candidate_id", "lesion_id"], na_position="last", kind="stable")

@@ -33,12 +33,22 @@ class _CleanUpIn(BaseInterfaceInputSpec):
     in_registration = File(
         exists=True, desc="registration report JSON; a flagged registration disables anatomy"
     )
+    in_candidates = File(
+        exists=True, desc="every candidate of the detector (numbers of the rejected table)"
+    )
+    in_rejected = File(
+        exists=True, desc="TSV of the candidates the discriminator rejected, merged into the output"
+    )
     params = traits.Dict(desc="overrides of CleanupParams fields (mm, mm³, ppm)")
 
 
 class _CleanUpOut(TraitedSpec):
     out_labels = File(exists=True, desc="kept lesions, same ids (int16)")
-    out_rejected = File(exists=True, desc="rejected lesions with the rule and why (TSV)")
+    out_rejected = File(
+        exists=True,
+        desc="rejected candidates with the rule and why (TSV): the clean-up's, plus the "
+        "discriminator's when in_rejected is given",
+    )
     out_features = File(exists=True, desc="every candidate's measurements (TSV)")
     out_report = File(exists=True, desc="JSON: counts per rule, phase handedness, parameters")
     n_kept = traits.Int()
@@ -57,7 +67,14 @@ class CleanUp(SimpleInterface):
     output_spec = _CleanUpOut
 
     def _run_interface(self, runtime):
-        from ..detect.cleanup import CleanupParams, clean_up, params_to_dict, tissue_in_native
+        from ..detect.cleanup import (
+            CleanupParams,
+            candidate_ids_of,
+            clean_up,
+            merge_rejected,
+            params_to_dict,
+            tissue_in_native,
+        )
 
         labels, affine = load(self.inputs.in_labels)
         labels = np.asarray(labels)
@@ -129,8 +146,21 @@ class CleanUp(SimpleInterface):
         self._results["out_labels"] = save_like(
             res.labels, affine, "lesion_labels_clean.nii.gz", dtype=np.int16
         )
+        rejected = res.rejected
+        if isdefined(self.inputs.in_rejected) or isdefined(self.inputs.in_candidates):
+            import pandas as pd
+
+            student = None
+            if isdefined(self.inputs.in_rejected):
+                student = pd.read_csv(
+                    self.inputs.in_rejected, sep="\t", na_values=["n/a"], keep_default_na=False
+                )
+            mapping = None
+            if isdefined(self.inputs.in_candidates):
+                mapping = candidate_ids_of(labels, np.asarray(load(self.inputs.in_candidates)[0]))
+            rejected = merge_rejected(student, res.rejected, mapping)
         path = os.path.abspath("rejected.tsv")
-        res.rejected.to_csv(path, sep="\t", index=False, na_rep="n/a")
+        rejected.to_csv(path, sep="\t", index=False, na_rep="n/a")
         self._results["out_rejected"] = path
         path = os.path.abspath("cleanup_features.tsv")
         res.features.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.4g")

@@ -50,6 +50,7 @@ def init_detect_wf(image: InputImage, config: Config) -> pe.Workflow:
     tree without weights): the provisional radial-symmetry scoring (`detect/candidates.py`).
     """
     from ..interfaces.anatomy import RegisterTemplate
+    from ..interfaces.cleanup import CleanUp
     from ..interfaces.detect import (
         CandidateProbability,
         DetectNetworks,
@@ -101,7 +102,13 @@ def init_detect_wf(image: InputImage, config: Config) -> pe.Workflow:
         "was registered to the MNI152NLin2009cAsym template (Fonov et al., 2011) with SimpleITK "
         "(Lowekamp et al., 2013; rigid then affine, Mattes mutual information), and each lesion was "
         "assigned the Microbleed Anatomical Rating Scale (MARS; Gregoire et al., 2009) region "
-        "holding most of its volume."
+        "holding most of its volume. "
+        "Mimic-aware clean-up rules then removed detections outside the size bounds of a "
+        "microbleed (1.5–10 mm), vessels (continuity across slices and Hessian tubularity), "
+        "diamagnetic calcifications (dipole pattern of the high-pass phase, or negative χ on QSM, "
+        "when available), bilateral symmetric pallidal mineralisation, air–tissue artefact zones, "
+        "and tissue-aware sulcal CSF and brain–air boundary detections that keep juxtacortical "
+        "microbleeds; every removed candidate is listed with the rule that removed it."
     )
 
     inputnode = pe.Node(
@@ -140,12 +147,26 @@ def init_detect_wf(image: InputImage, config: Config) -> pe.Workflow:
     if image.t1w is not None:
         reg.inputs.t1w = str(image.t1w)
     table = pe.Node(LesionTable(), name="lesion_table", mem_gb=0.3)
+    clean = pe.Node(CleanUp(kind=image.kind), name="cleanup", mem_gb=1.0)
     # fmt: off
     wf.connect([
         (inputnode, norm, [("preproc", "in_file"), ("brain_mask", "in_mask")]),
         (inputnode, frst, [("brain_mask", "in_mask")]),
         (norm, frst, [("out_file", "in_file")]),
         (inputnode, reg, [("preproc", "in_file"), ("brain_mask", "in_mask")]),
+        (inputnode, clean, [
+            ("preproc", "in_preproc"),
+            ("brain_mask", "in_mask"),
+            ("phase", "in_phase"),
+        ]),
+        (reg, clean, [
+            ("out_regions", "in_regions"),
+            ("out_transform", "in_transform"),
+            ("out_inverse", "in_inverse"),
+            ("out_report", "in_registration"),
+        ]),
+        (clean, table, [("out_labels", "in_labels")]),
+        (clean, outputnode, [("out_labels", "labels"), ("out_rejected", "rejected")]),
         (reg, table, [
             ("out_regions", "in_regions"),
             ("out_transform", "in_transform"),
@@ -176,12 +197,16 @@ def init_detect_wf(image: InputImage, config: Config) -> pe.Workflow:
             (norm, net, [("out_file", "in_norm")]),
             (frst, net, [("out_file", "in_frst")]),
             (inputnode, net, [("brain_mask", "in_mask")]),
-            (net, table, [("out_labels", "in_labels"), ("out_probseg", "in_probseg")]),
+            (net, clean, [
+                ("out_labels", "in_labels"),
+                ("out_probseg", "in_probseg"),
+                ("out_candidates", "in_candidates"),
+                ("out_rejected", "in_rejected"),
+            ]),
+            (net, table, [("out_probseg", "in_probseg")]),
             (net, outputnode, [
                 ("out_probseg", "probseg"),
-                ("out_labels", "labels"),
                 ("out_candidates", "candidates"),
-                ("out_rejected", "rejected"),
                 ("out_meta", "detection"),
             ]),
         ])
@@ -195,10 +220,10 @@ def init_detect_wf(image: InputImage, config: Config) -> pe.Workflow:
             (frst, cand, [("out_file", "in_frst")]),
             (inputnode, cand, [("brain_mask", "in_mask")]),
             (cand, label, [("out_probseg", "in_probseg")]),
-            (label, table, [("out_labels", "in_labels")]),
+            (label, clean, [("out_labels", "in_labels")]),
+            (cand, clean, [("out_probseg", "in_probseg")]),
             (cand, table, [("out_probseg", "in_probseg")]),
             (cand, outputnode, [("out_probseg", "probseg")]),
-            (label, outputnode, [("out_labels", "labels")]),
         ])
         # fmt: on
     return wf
