@@ -15,6 +15,8 @@ Usage::
    default threshold; writes ``<source>_label-CMB_mask.nii.gz`` into ``OUT_DIR/pred`` (and, for
    the KD ablation, the no-KD student's masks at its own validation threshold into
    ``OUT_DIR/pred_nokd``).
+   ``--prepare-only`` stops after simulation and preprocessing (cached in ``OUT_DIR/cache``);
+   a later run with a bundle reuses the cache (preprocessing does not depend on the bundle).
 3. Scores with ``cmb-bidsapp-eval OUT_DIR/pred OUT_DIR/bids/derivatives/reference`` and prints the table:
    lesion-wise sensitivity, FP per subject, precision, F1, count difference, per MARS class and
    per kind, and the KD gain. Everything is also written to ``OUT_DIR/accuracy.json``.
@@ -37,7 +39,11 @@ _BUNDLE = None
 
 
 def detect_image(image, bundle_path: str | None, out: Path, threads: int) -> dict:
-    """The app's preprocessing and detection for one input; writes the predicted mask(s)."""
+    """The app's preprocessing and detection for one input; writes the predicted mask(s).
+
+    The preprocessing (brain mask, lesion-bright, FRST) is cached in ``OUT_DIR/cache`` so that
+    several bundles can be scored on the same cohort; ``bundle_path == "none"`` only prepares.
+    """
     global _BUNDLE
     import nibabel as nib
     import torch
@@ -50,37 +56,60 @@ def detect_image(image, bundle_path: str | None, out: Path, threads: int) -> dic
     from cmb_bidsapp.models.infer import detect, rescore
     from cmb_bidsapp.preproc.steps import brain_mask, read_input
 
+    cache = out / "cache" / f"{image.source_name}.npz"
+    t0 = time.perf_counter()
+    if cache.exists():
+        z = np.load(cache)
+        lb, fr, mask, affine = z["lb"], z["fr"], z["mask"] > 0, z["affine"]
+        method, prep_s = str(z["method"]), float(z["preprocess_s"])
+    else:
+        inp = read_input(
+            [str(f) for f in image.files],
+            kind=image.kind,
+            echo_times=list(image.echo_times) or None,
+            units=str(image.metadata.get("Units", "")),
+        )
+        mask, report = brain_mask(
+            inp.image, inp.affine, kind=image.kind, mode="auto", threads=threads
+        )
+        lb, fr = preprocess(inp.image, inp.affine, mask, image.kind)
+        affine, method = inp.affine, str(report.get("method"))
+        prep_s = time.perf_counter() - t0
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".part.npz")
+        np.savez(
+            tmp,
+            lb=np.asarray(lb, np.float32),
+            fr=np.asarray(fr, np.float32),
+            mask=np.asarray(mask, np.uint8),
+            affine=affine,
+            method=method,
+            preprocess_s=prep_s,
+        )
+        tmp.replace(cache)
+    if bundle_path == "none":  # --prepare-only
+        return {"key": image.source_name, "kind": image.kind, "preprocess_s": round(prep_s, 1)}
     if _BUNDLE is None:
         _BUNDLE = load_bundle(bundle_path, "cpu", load_ablation=True)
     b = _BUNDLE
-    t0 = time.perf_counter()
-    inp = read_input(
-        [str(f) for f in image.files],
-        kind=image.kind,
-        echo_times=list(image.echo_times) or None,
-        units=str(image.metadata.get("Units", "")),
-    )
-    mask, report = brain_mask(inp.image, inp.affine, kind=image.kind, mode="auto", threads=threads)
-    lb, fr = preprocess(inp.image, inp.affine, mask, image.kind)
-    t1 = time.perf_counter()
-    res = detect(lb, fr, mask, inp.affine, b, keep_p_det=True)
+    res = detect(lb, fr, mask, affine, b, keep_p_det=True)
     out_row = {
         "key": image.source_name,
         "kind": image.kind,
-        "brain_mask": report.get("method"),
-        "preprocess_s": round(t1 - t0, 1),
+        "brain_mask": method,
+        "preprocess_s": round(prep_s, 1),
         "detect_s": res.seconds.get("total"),
         "candidates": int(len(res.candidate_scores)),
         "detections": res.n_lesions,
     }
     for folder, labels in (("pred", res.labels),):
         path = DerivativesWriter(out / folder).path_for(image, "mask", label="CMB")
-        atomic_save_nifti(nib.Nifti1Image((labels > 0).astype(np.uint8), inp.affine), path)
+        atomic_save_nifti(nib.Nifti1Image((labels > 0).astype(np.uint8), affine), path)
     if b.student_nokd is not None:
         thr = float(b.meta.get("ablation", {}).get("student_nokd_threshold", b.default_threshold))
-        res2 = rescore(res, lb, fr, mask, inp.affine, b.student_nokd, thr, patch_size=b.patch_size)
+        res2 = rescore(res, lb, fr, mask, affine, b.student_nokd, thr, patch_size=b.patch_size)
         path = DerivativesWriter(out / "pred_nokd").path_for(image, "mask", label="CMB")
-        atomic_save_nifti(nib.Nifti1Image((res2.labels > 0).astype(np.uint8), inp.affine), path)
+        atomic_save_nifti(nib.Nifti1Image((res2.labels > 0).astype(np.uint8), affine), path)
         out_row["detections_nokd"] = res2.n_lesions
     return out_row
 
@@ -118,7 +147,14 @@ def main() -> None:
     ap.add_argument("--kinds", default="swi,t2starw,megre,qsm")
     ap.add_argument("--bundle", default=None, help="bundle folder (default: the shipped one)")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="simulate and preprocess (cached in OUT_DIR/cache) without a bundle, then stop",
+    )
     args = ap.parse_args()
+    if args.prepare_only:
+        args.bundle = "none"
     out = args.out.resolve()
     kinds = args.kinds.split(",")
     from cmb_bidsapp.io import atomic_write_json
@@ -172,6 +208,9 @@ def main() -> None:
             )
         )
     t_det = time.perf_counter() - t1
+    if args.prepare_only:
+        print(f"prepared {len(rows)} images in {t_det / 60:.1f} min (simulation {t_sim / 60:.1f})")
+        return
     scores = _eval(out / "pred", ref_dir, out / "eval" / "cmb_eval")
     scores_nokd = _eval(out / "pred_nokd", ref_dir, out / "eval" / "cmb_eval_nokd")
     result = {
