@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import pytest
 
 from cmb_bidsapp.cli.run import main
 
@@ -115,11 +115,21 @@ def test_real_megre_participant_reports_only_and_group(shared_data, tmp_path):
     _browser_check(tmp_path, out)
 
 
-@pytest.mark.skipif(shutil.which("cmb-bidsapp-synth") is None, reason="no simulator command")
 def test_simulated_subject_reports(tmp_path):
     """One small simulated SWI subject (with its phase) through participant, group and browser."""
     bids, out = tmp_path / "bids", tmp_path / "out"
-    cmd = ["cmb-bidsapp-synth", str(bids), "--n-subjects", "1", "--seed", "3", "--size", "small"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cmb_bidsapp.cli.synth",
+        str(bids),
+        "--n-subjects",
+        "1",
+        "--seed",
+        "3",
+        "--size",
+        "small",
+    ]
     done = subprocess.run([*cmd, "--kinds", "swi"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-500:]
     work = tmp_path / "work"
