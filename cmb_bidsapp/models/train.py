@@ -45,6 +45,9 @@ Epochs, early stopping, checkpoints
     (or at the maximum). A checkpoint (model, optimiser, scheduler, history, best state) is
     written atomically after every epoch to ``WORK_DIR/checkpoints/<stage>.pt``; with
     ``resume`` an interrupted stage continues from its last epoch and a finished one is reused.
+    Creating the file ``WORK_DIR/STOP-<stage>`` (e.g. ``STOP-detector``) ends that stage after
+    its current epoch, keeping its best state, and the run goes on with the next stage (for a
+    run that must fit a wall-clock budget on a shared machine; the history records it).
 
 Determinism
     ``torch.manual_seed``, one ``numpy.random.Generator`` per (seed, stage, epoch),
@@ -279,6 +282,11 @@ def fit(
             state["done"] = True
         if state["epoch"] >= max_epochs:
             state["done"] = True
+        stop = ctx.work_dir / f"STOP-{name}"
+        if stop.exists() and not state["done"]:
+            state["done"] = True
+            state["stopped_by_request"] = state["epoch"]
+            ctx.log(f"[{name}] stopped after epoch {state['epoch']} ({stop} exists)")
         _save_ckpt(
             path,
             {
@@ -864,7 +872,10 @@ def history_summary(state: dict[str, Any]) -> dict[str, Any]:
     if not hist:
         return {"epochs": 0}
     best = min(hist, key=lambda r: r["val"])
-    return {"epochs": len(hist), "best_epoch": best["epoch"], "best": best}
+    out = {"epochs": len(hist), "best_epoch": best["epoch"], "best": best}
+    if state.get("stopped_by_request"):
+        out["stopped_by_request_after_epoch"] = state["stopped_by_request"]
+    return out
 
 
 def dumps(obj: Any) -> str:
