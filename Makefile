@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 PYTEST_ARGS ?=
+# The demo cohort (tests/test_app_e2e.py runs the app and the BIDS validator on this same cohort)
+DEMO_SYNTH_ARGS := --n-subjects 4 --size small --kinds mix --skull-fraction 0.5 --seed 42
 
 .PHONY: venv demo test lint docs clean system-test-deps
 
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cmb-bidsapp-synth $(DEMO)/bids --n-subjects 4 --size small --kinds mix --skull-fraction 0.5 --seed 42
+	$(BIN)/cmb-bidsapp-synth $(DEMO)/bids $(DEMO_SYNTH_ARGS)
 	$(BIN)/cmb-bidsapp $(DEMO)/bids $(DEMO)/derivatives participant -w $(DEMO)/work
 	$(BIN)/cmb-bidsapp $(DEMO)/bids $(DEMO)/derivatives group
 	@echo ""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -63,25 +65,20 @@ def digests(root: Path) -> dict[str, str]:
     return out
 
 
+def demo_synth_args() -> list[str]:
+    """The simulator arguments of `make demo` (the Makefile's DEMO_SYNTH_ARGS), so that this
+    module runs the app, and the BIDS validator on its outputs, on exactly the demo cohort."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    (line,) = re.findall(r"^DEMO_SYNTH_ARGS\s*:?=\s*(.+)$", makefile, re.M)
+    return shlex.split(line)
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("e2e")
     bids = root / "bids"
     subprocess.run(
-        [
-            str(BIN / "cmb-bidsapp-synth"),
-            str(bids),
-            "--n-subjects",
-            "3",
-            "--seed",
-            "7",
-            "--size",
-            "small",
-            "--kinds",
-            "swi,t2starw,megre",
-            "--skull-fraction",
-            "0.34",
-        ],
+        [str(BIN / "cmb-bidsapp-synth"), str(bids), *demo_synth_args()],
         check=True,
         capture_output=True,
     )
@@ -98,7 +95,7 @@ def test_contract_outputs_and_validity(cohort):
     sources = {
         p.name.split("_echo-")[0] if "_echo-" in p.name else p.name.rsplit("_", 1)[0] for p in raw
     }
-    assert len(sources) == 3
+    assert len(sources) == 4
     for source in sources:
         sub = source.split("_")[0]
         files = {p.name for p in (out / sub / "anat").iterdir()}
