@@ -192,8 +192,14 @@ def _children_maxrss() -> int:
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
 
 
-def run_participant(bids: Path, scratch: Path, nprocs: int, extra: list[str] = ()) -> dict:
-    """One `cmb-bidsapp participant` run in fresh folders; wall time, stages, memory."""
+def run_participant(
+    bids: Path, scratch: Path, nprocs: int, extra: list[str] = (), code: Path | None = None
+) -> dict:
+    """One `cmb-bidsapp participant` run in fresh folders; wall time, stages, memory.
+
+    `code`: a folder holding another copy of the `cmb_bidsapp` package to run instead (put
+    first on PYTHONPATH), to compare two versions in one session (``--ab-baseline``).
+    """
     out, work = scratch / "out", scratch / "work"
     for p in (out, work):
         shutil.rmtree(p, ignore_errors=True)
@@ -203,12 +209,14 @@ def run_participant(bids: Path, scratch: Path, nprocs: int, extra: list[str] = (
     ]  # fmt: skip
     # A fresh interpreter per run (via a tiny wrapper) so ru_maxrss is this run's only.
     wrapper = (
-        "import resource, subprocess, sys, json;"
+        "import resource, subprocess, sys;"
         "rc = subprocess.call(sys.argv[1:]);"
-        "print('BENCH-MAXRSS', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,"
-        " rc, file=sys.stderr)"
+        "u = resource.getrusage(resource.RUSAGE_CHILDREN);"
+        "print('BENCH-RUSAGE', u.ru_maxrss, u.ru_utime + u.ru_stime, rc, file=sys.stderr)"
     )
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
     t0, t0_epoch = time.perf_counter(), time.time()
     proc = subprocess.Popen(
         [sys.executable, "-c", wrapper, *cmd],
@@ -223,11 +231,11 @@ def run_participant(bids: Path, scratch: Path, nprocs: int, extra: list[str] = (
             lines.append((time.perf_counter() - t0, line.rstrip("\n")))
         proc.wait()
     wall = time.perf_counter() - t0
-    maxrss_one, rc = 0, proc.returncode
+    maxrss_one, cpu_s, rc = 0, None, proc.returncode
     for _, line in lines:
-        if line.startswith("BENCH-MAXRSS"):
-            _, kib, rc_s = line.split()
-            maxrss_one, rc = int(kib) * 1024, int(rc_s)
+        if line.startswith("BENCH-RUSAGE"):
+            _, kib, cpu, rc_s = line.split()
+            maxrss_one, cpu_s, rc = int(kib) * 1024, round(float(cpu), 2), int(rc_s)
     stderr = "\n".join(line for _, line in lines)
     # Before the workflow (start-up, validation, indexing, pre-flight reads, graph) and after
     # its last node (the HTML reports): not in timings.tsv, so timed from the app's own lines.
@@ -244,6 +252,7 @@ def run_participant(bids: Path, scratch: Path, nprocs: int, extra: list[str] = (
     result = {
         "rc": rc,
         "wall_s": round(wall, 2),
+        "cpu_s": cpu_s,  # user + system CPU seconds of the whole process tree
         "peak_rss_tree_gb": round(mon.peak_sum / 1e9, 3),
         "peak_rss_process_gb": round(max(maxrss_one, mon.peak_one) / 1e9, 3),
         "phases": phases,
@@ -315,6 +324,7 @@ def median_run(runs: list[dict]) -> dict:
         "wall_s": round(statistics.median(wall), 2),
         "wall_min_s": min(wall),
         "wall_max_s": max(wall),
+        "cpu_s": round(statistics.median(r["cpu_s"] or 0.0 for r in ok), 2),
         "peak_rss_tree_gb": max(r["peak_rss_tree_gb"] for r in ok),
         "peak_rss_process_gb": max(r["peak_rss_process_gb"] for r in ok),
         "phases": {
@@ -354,7 +364,7 @@ def print_table(results: dict) -> None:
         dict.fromkeys(s for r in rows.values() for m in r["runs"].values() for s in m["stages"])
     )
     phase_names = ["setup", "workflow", "finish"]
-    header = ["case", "nprocs", "voxels", "total s", "peak GB", *phase_names, *stage_names]
+    header = ["case", "nprocs", "voxels", "total s", "cpu s", "peak GB", *phase_names, *stage_names]
     print("\t".join(header))
     for name, r in rows.items():
         for nprocs, m in r["runs"].items():
@@ -363,11 +373,15 @@ def print_table(results: dict) -> None:
                 str(nprocs),
                 f"{r['dataset']['voxels'] / 1e6:.2f}M",
                 f"{m['wall_s']:.1f}",
+                f"{m['cpu_s']:.1f}",
                 f"{m['peak_rss_tree_gb']:.2f}",
                 *(f"{m['phases'].get(s, 0.0):.1f}" for s in phase_names),
                 *(f"{m['stages'].get(s, 0.0):.1f}" for s in stage_names),
             ]
             print("\t".join(cells))
+    for name, r in rows.items():
+        for nprocs, ratio in r.get("ratio_baseline_over_current", {}).items():
+            print(f"before/after {name} nprocs={nprocs}: {json.dumps(ratio)}")
     for key in ("voxel_series", "candidate_series", "nprocs", "group", "targets"):
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")
@@ -423,15 +437,30 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats-05", type=int, help="runs for swi_05 (default: --repeats); it is the slowest"
     )
     ap.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    ap.add_argument(
+        "--series-nprocs",
+        type=int,
+        nargs="+",
+        default=[2],
+        help="nprocs of the cases only in the growth series (swi_12, swi_08_c0, swi_08_c40)",
+    )
+    ap.add_argument("--series-repeats", type=int, help="runs of those cases (default: --repeats)")
     ap.add_argument("--quick", action="store_true", help="small grids, one run: a smoke check")
     ap.add_argument("--data", type=Path, help="keep/reuse the simulated datasets in this folder")
     ap.add_argument("--group-subjects", type=int, default=1000, help="0: skip the group level")
     ap.add_argument("--group-repeats", type=int, default=3)
+    ap.add_argument(
+        "--ab-baseline",
+        type=Path,
+        help="a folder holding an older copy of the cmb_bidsapp package: each case and nprocs "
+        "then runs the baseline and the current code alternately (--repeats times each) and "
+        "reports their ratio (before/after of a fix, measured in one session)",
+    )
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more app options")
     args = ap.parse_args(argv)
     if args.quick:
-        args.repeats, args.repeats_05 = 1, 1
+        args.repeats, args.repeats_05, args.series_repeats = 1, 1, 1
 
     from cmb_bidsapp import __version__
 
@@ -462,20 +491,43 @@ def main(argv: list[str] | None = None) -> int:
             entry = {"description": case.description, "kind": case.kind, "dataset": info}
             entry["runs"] = {}
             repeats = args.repeats_05 if name == "swi_05" and args.repeats_05 else args.repeats
-            for nprocs in args.nprocs:
-                runs = []
+            nprocs_list = args.nprocs
+            if name not in MAIN_CASES:
+                nprocs_list = args.series_nprocs
+                repeats = args.series_repeats or repeats
+            for nprocs in nprocs_list:
+                versions = {"current": None}
+                if args.ab_baseline:
+                    versions = {"baseline": args.ab_baseline.resolve(), "current": None}
+                runs: dict[str, list[dict]] = {v: [] for v in versions}
                 for i in range(repeats):
-                    r = run_participant(bids, scratch / name, nprocs, args.extra)
-                    print(
-                        f"[bench] {name} nprocs={nprocs} run {i + 1}/{repeats}: rc={r['rc']} "
-                        f"{r['wall_s']:.1f} s, {r['peak_rss_tree_gb']:.2f} GB",
-                        file=sys.stderr,
-                    )
-                    if r["rc"] != 0:
-                        print(r.get("stderr_tail", ""), file=sys.stderr)
-                    runs.append(r)
-                entry["runs"][str(nprocs)] = median_run(runs)
-                entry["runs"][str(nprocs)]["all_wall_s"] = [r["wall_s"] for r in runs]
+                    for version, code in versions.items():  # alternate: same load for both
+                        r = run_participant(bids, scratch / name, nprocs, args.extra, code)
+                        print(
+                            f"[bench] {name} nprocs={nprocs} {version} run {i + 1}/{repeats}: "
+                            f"rc={r['rc']} {r['wall_s']:.1f} s (cpu {r['cpu_s']} s), "
+                            f"{r['peak_rss_tree_gb']:.2f} GB",
+                            file=sys.stderr,
+                        )
+                        if r["rc"] != 0:
+                            print(r.get("stderr_tail", ""), file=sys.stderr)
+                        runs[version].append(r)
+                entry["runs"][str(nprocs)] = median_run(runs["current"])
+                entry["runs"][str(nprocs)]["all_wall_s"] = [r["wall_s"] for r in runs["current"]]
+                if args.ab_baseline:
+                    base = median_run(runs["baseline"])
+                    cur = entry["runs"][str(nprocs)]
+                    base["all_wall_s"] = [r["wall_s"] for r in runs["baseline"]]
+                    entry.setdefault("baseline", {})[str(nprocs)] = base
+                    entry.setdefault("ratio_baseline_over_current", {})[str(nprocs)] = {
+                        "wall": round(base["wall_s"] / cur["wall_s"], 3),
+                        "cpu": round(base["cpu_s"] / max(cur["cpu_s"], 1e-9), 3),
+                        "stages": {
+                            s: round(base["stages"][s] / cur["stages"][s], 3)
+                            for s in cur["stages"]
+                            if base["stages"].get(s) and cur["stages"][s] > 0
+                        },
+                    }
             results["cases"][name] = entry
         if args.group_subjects:
             results["group"] = group_benchmark(args.group_subjects, args.group_repeats)
