@@ -271,10 +271,21 @@ def simulate_and_prepare(args) -> tuple[list, list, float, float]:
     return sims, rows, t_sim, time.perf_counter() - t1
 
 
+def _flagged(z) -> bool:
+    """The registration flag judged again from the cached quality figures with the current rules
+    (the cache may hold flags from older bounds); a centre-of-mass fallback stays flagged."""
+    from cmb_bidsapp.anatomy.registration import _judge
+
+    report = json.loads(str(z["reg_report"]))
+    if report.get("Stage") == "center-of-mass" or not report.get("Quality"):
+        return bool(z["reg_flag"])
+    return bool(_judge(report["Quality"]))
+
+
 def _registration(cache: Path, key: str, z, ignore_flag: bool = False):
     from cmb_bidsapp.anatomy.registration import RegistrationResult, load_transform
 
-    if bool(z["reg_flag"]) and not ignore_flag:
+    if _flagged(z) and not ignore_flag:
         return None
     return RegistrationResult(
         template_to_native=load_transform(
@@ -413,7 +424,7 @@ def clean_image(image, out: Path, detector: str, params_json: str) -> dict:
                 "ref_region": rrow.get("region"),
                 "pred_region": prow["region"],
                 "pred_class_unflagged": tu.iloc[near]["mars_class"],
-                "registration_flag": bool(z["reg_flag"]),
+                "registration_flag": _flagged(z),
             }
         )
     rej = res.rejected.copy()
@@ -427,7 +438,7 @@ def clean_image(image, out: Path, detector: str, params_json: str) -> dict:
         "handedness": res.handedness,
         "seconds": res.seconds,
         "n_ref": int(pair.n_ref),
-        "registration_flag": bool(z["reg_flag"]),
+        "registration_flag": _flagged(z),
     }
 
 

@@ -139,3 +139,24 @@ def test_crop_uses_fallback_without_deepbet(shared_data, monkeypatch):
     mask, info = extract_brain_with_info(data, img.affine)
     assert info["method"] == "fallback" and "crop" in info["fallback_reason"]
     assert mask.shape == data.shape and mask.mean() > 0.5
+
+
+def test_mask_from_nonzero_with_a_non_zero_constant_background():
+    """An int16 QSM map with scl_inter stores its zero background as a small constant: the mask
+    is the brain, not the field of view."""
+    from cmb_bidsapp.preproc.brain import background_value, mask_from_nonzero
+
+    rng = np.random.default_rng(0)
+    zz, yy, xx = np.mgrid[:40, :48, :36]
+    brain = ((xx - 18) / 14) ** 2 + ((yy - 24) / 18) ** 2 + ((zz - 20) / 15) ** 2 <= 1
+    chi = np.where(brain, rng.normal(0, 0.05, brain.shape), 0.0).astype(np.float32)
+    slope, inter = 1.5e-5, 0.3547
+    stored = np.round((chi - inter) / slope).astype(np.int16)  # what an int16 file holds
+    read = stored.astype(np.float32) * np.float32(slope) + np.float32(inter)
+    assert np.all(read[~brain] == read[0, 0, 0]) and read[0, 0, 0] != 0
+    assert background_value(read) == float(read[0, 0, 0])
+    mask = mask_from_nonzero(read).astype(bool)
+    # (a brain voxel whose χ rounds to the stored zero can only be lost on the brain's surface)
+    assert not (mask & ~brain).any() and (brain & ~mask).sum() <= 2
+    # an ordinary brain-extracted image keeps the zero background
+    assert background_value(np.where(brain, 1.0 + chi, 0.0).astype(np.float32)) == 0.0

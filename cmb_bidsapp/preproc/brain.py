@@ -47,8 +47,12 @@ dilation by 6 mm (an opening), a 3 mm closing, and holes filled. (6 mm rather th
 median Dice 0.93 instead of 0.905 on eight simulated heads, where 4 mm leaked into the scalp
 of MEGRE heads.) Distances are Euclidean in mm.
 
-``mask_from_nonzero``: the non-zero support of an already brain-extracted image or a QSM map,
-holes filled, largest 26-connected component.
+``mask_from_nonzero``: the support of an already brain-extracted image or a QSM map (the voxels
+that differ from its constant background), holes filled, largest 26-connected component. The
+background is the value, among 0 and the eight corner voxels, shared by most voxels (at least
+5 % of them): an int16 map with ``scl_inter`` stores its zero background as a small non-zero
+constant (a simulated QSM map had -4.9e-6 everywhere outside the brain, and its "non-zero
+support" was the whole 8755 cm³ field of view).
 """
 
 from __future__ import annotations
@@ -99,13 +103,31 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == int(np.argmax(counts))
 
 
+def background_value(arr: np.ndarray, min_fraction: float = 0.05) -> float:
+    """The constant background of an image: among 0 and the values of its eight corner voxels,
+    the one shared by most voxels, if at least `min_fraction` of them; otherwise 0."""
+    if arr.ndim != 3 or arr.size == 0:
+        return 0.0
+    corners = arr[
+        :: max(arr.shape[0] - 1, 1), :: max(arr.shape[1] - 1, 1), :: max(arr.shape[2] - 1, 1)
+    ]
+    best, best_n = 0.0, -1
+    for v in dict.fromkeys([0.0, *map(float, corners.ravel())]):
+        n = int(np.count_nonzero(arr == np.float32(v)))
+        if n > best_n:
+            best, best_n = v, n
+    return best if best_n >= min_fraction * arr.size else 0.0
+
+
 def mask_from_nonzero(data: np.ndarray) -> np.ndarray:
-    """Brain mask (uint8) of a brain-extracted image or QSM map: its non-zero support.
+    """Brain mask (uint8) of a brain-extracted image or QSM map: the voxels that differ from
+    its constant background (:func:`background_value`; normally 0).
 
     Holes are filled (a dark lesion or a χ value of exactly 0 inside the brain) and only the
     largest 26-connected component is kept.
     """
-    support = np.abs(np.nan_to_num(np.asarray(data, dtype=np.float32))) > 0
+    arr = np.nan_to_num(np.asarray(data, dtype=np.float32))
+    support = arr != background_value(arr)
     if not support.any():
         return support.astype(np.uint8)
     mask = ndi.binary_fill_holes(largest_component(support))
