@@ -92,6 +92,21 @@ def _load_all(files: list[str], notes: list[str] | None = None) -> list[nib.Nift
     return out
 
 
+def _header_only(path: str) -> nib.Nifti1Image:
+    """The image with its header read and its data left on disk, for a grid check.
+
+    Falls back to `load_nifti` (which reads the data, and names any problem of the file) when
+    nibabel cannot read the header or the shape is not plainly 3D.
+    """
+    try:
+        img = nib.load(path)
+        if len(img.shape) == 3:
+            return img
+    except Exception:  # the defensive reader names the problem
+        pass
+    return load_nifti(path)
+
+
 def check_geometry(img: nib.Nifti1Image, path: str | Path) -> list[str]:
     """Refuse a grid the app cannot process; return warnings for one it processes unvalidated.
 
@@ -220,16 +235,17 @@ def read_input(
 
     phase = None
     if phase_files:
-        phase_imgs = _load_all(phase_files)
-        for img, f in zip(phase_imgs, phase_files):
-            _same_grid(ref, img, f, files[0])
         if kind == "megre" and echo_times:
             idx = int(np.argmin([abs(te - PHASE_TE_TARGET_S) for te in echo_times]))
             mag_for_phase = np.asarray(imgs[idx].dataobj, dtype=np.float32)
         else:
             idx = 0
             mag_for_phase = image
-        radians = phase_to_radians(np.asarray(phase_imgs[idx].dataobj, dtype=np.float32))
+        # Only the phase echo used is read; the others' grids are checked from their headers.
+        phase_img = _load_all([phase_files[idx]])[0]
+        for f in phase_files:
+            _same_grid(ref, _header_only(f), f, files[0])
+        radians = phase_to_radians(np.asarray(phase_img.dataobj, dtype=np.float32))
         vs_ref = voxel_sizes(ref)
         phase = highpass_phase(mag_for_phase, radians, vs_ref, slice_axis=thick_slice_axis(vs_ref))
 
