@@ -264,10 +264,45 @@ def _to_working_grid(
 def _to_input_grid(
     mask: np.ndarray, mask_affine: np.ndarray, shape: Sequence[int], affine: np.ndarray
 ) -> np.ndarray:
-    back = resample(mask.astype(np.float32), mask_affine, shape, affine) >= 0.5
-    if not back.any():
-        return back
-    return ndi.binary_fill_holes(largest_component(back))
+    """The working-grid mask in the input grid (linear, >= 0.5), largest component, filled.
+
+    Only the box of the input grid that the mask can reach is computed (its bounding box, one
+    working voxel wider, mapped into the input grid, one voxel wider again): outside it the
+    interpolated mask is exactly 0, and components and holes are the same in a box with an
+    empty border. At 0.5 mm (31 million voxels) this halves the step.
+    """
+    shape = tuple(int(n) for n in shape)
+    box = _reach_box(mask, mask_affine, shape, affine)
+    out = np.zeros(shape, dtype=bool)
+    if box is None:
+        return out
+    lo = np.array([b.start for b in box], dtype=float)
+    sub_affine = np.asarray(affine, dtype=float).copy()
+    sub_affine[:3, 3] = sub_affine[:3, :3] @ lo + sub_affine[:3, 3]
+    sub_shape = tuple(b.stop - b.start for b in box)
+    back = resample(mask.astype(np.float32), mask_affine, sub_shape, sub_affine) >= 0.5
+    if back.any():
+        out[box] = ndi.binary_fill_holes(largest_component(back))
+    return out
+
+
+def _reach_box(
+    mask: np.ndarray, mask_affine: np.ndarray, shape: tuple[int, ...], affine: np.ndarray
+) -> tuple[slice, slice, slice] | None:
+    """Slices of the input grid whose voxels may interpolate a non-zero value of `mask`."""
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return None
+    lo, hi = idx.min(axis=0) - 1.0, idx.max(axis=0) + 1.0
+    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1])
+                        for c in (lo[2], hi[2])])  # fmt: skip
+    to_input = np.linalg.inv(np.asarray(affine, dtype=float)) @ np.asarray(mask_affine, float)
+    ijk = (corners @ to_input.T)[:, :3]
+    start = np.maximum(np.floor(ijk.min(axis=0)).astype(int) - 1, 0)
+    stop = np.minimum(np.ceil(ijk.max(axis=0)).astype(int) + 2, shape)
+    if np.any(stop <= start):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------
