@@ -49,6 +49,10 @@ brain to the zeroed background outside the mask would otherwise vote as an edge.
 would move a vote by less than half a voxel along every axis used are skipped (they can only
 vote on the voter itself); if all are, the smallest radius of one voxel is used.
 
+With a mask, the map is computed in the mask's bounding box widened by what can reach into
+it (gradients, erosion, the largest vote offset and the smoothing kernel), which gives the
+same bits as the whole array (the voters keep their order) in about half the time at 0.5 mm.
+
 Normalisation (``normalise=True``): with ``P`` the 99.9th percentile of the raw map inside the
 mask (or its maximum when that percentile is 0), ``S_norm = S / (S + P)``, 0 outside the
 mask. This is in [0, 1), robust to a few extreme responses (a percentile, not the maximum), and
@@ -172,12 +176,69 @@ def frst(
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 3:
         raise ValueError(f"frst expects a 3D array, got shape {img.shape}")
+    vs = np.asarray(voxel_sizes_mm, dtype=float)
+    axes = _resolve_axes(img.shape, vs, mode, slice_axis)
+    params = dict(
+        radii_mm=radii_mm, alpha=alpha, beta=beta, bright=bright, sigma_factor=sigma_factor,
+        kappa=kappa, normalise=normalise,
+    )  # fmt: skip
+    if mask is None:
+        return _frst(img, vs, axes, None, **params)
+    # The map is 0 outside the mask and nothing outside the mask's box (plus the reach of the
+    # gradients, the votes and the smoothing) changes it: compute it in that box only. The
+    # voters keep their C order, so every sum is made in the same order: the same bits.
+    mask_arr = np.asarray(mask) > 0
+    box = _mask_box(mask_arr, vs, axes, radii_mm, sigma_factor)
+    out = np.zeros(img.shape, dtype=np.float32)
+    if box is not None:
+        out[box] = _frst(img[box], vs, axes, mask_arr[box], **params)
+    return out
+
+
+def _mask_box(
+    mask: np.ndarray,
+    vs: np.ndarray,
+    axes: tuple[int, ...],
+    radii_mm: Sequence[float],
+    sigma_factor: float,
+) -> tuple[slice, slice, slice] | None:
+    """The mask's bounding box, widened along each axis used by what can reach into it."""
+    if not mask.any():
+        return None
+    r_max = max([float(r) for r in radii_mm] + [float(vs.min())])
+    box = []
+    for a in range(3):
+        other = tuple(b for b in range(3) if b != a)
+        idx = np.flatnonzero(mask.any(axis=other))
+        margin = 1
+        if a in axes:  # gradient and erosion (2), vote offset, smoothing kernel radius
+            margin = (
+                2 + int(np.ceil(r_max / vs[a])) + 1 + int(3.0 * sigma_factor * r_max / vs[a] + 0.5)
+            )
+        box.append(
+            slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, mask.shape[a]))
+        )
+    return tuple(box)  # type: ignore[return-value]
+
+
+def _frst(
+    img: np.ndarray,
+    vs: np.ndarray,
+    axes: tuple[int, ...],
+    mask: np.ndarray | None,
+    *,
+    radii_mm: Sequence[float],
+    alpha: float,
+    beta: float,
+    bright: bool,
+    sigma_factor: float,
+    kappa: float,
+    normalise: bool,
+) -> np.ndarray:
+    """:func:`frst` on one array (the mask's box, or the whole image without a mask)."""
     if not bright:
         img = -img
-    vs = np.asarray(voxel_sizes_mm, dtype=float)
     shape = img.shape
-    axes = _resolve_axes(shape, vs, mode, slice_axis)
-
     mask_arr = np.ones(shape, dtype=bool) if mask is None else np.asarray(mask) > 0
     if mask is not None:
         structure = np.zeros((3, 3, 3), dtype=bool)
