@@ -54,6 +54,7 @@ Both are SimpleITK transforms, saved and loaded with :meth:`RegistrationResult.s
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -264,6 +265,14 @@ def _to_working(img: sitk.Image, mask: sitk.Image, spacing: float) -> tuple[sitk
 
 
 def _template_working(name: str, spacing: float) -> tuple[sitk.Image, sitk.Image]:
+    """The template and its mask on the working grid, made once per process (copies returned:
+    SimpleITK copies share their buffer until written)."""
+    work, mask = _template_working_cached(name, float(spacing), str(templates.templateflow_home()))
+    return sitk.Image(work), sitk.Image(mask)
+
+
+@functools.lru_cache(maxsize=2)
+def _template_working_cached(name: str, spacing: float, home: str):
     tpl = nib_to_sitk(templates.load_template(name))
     mask = nib_to_sitk(templates.template_mask(name), dtype=np.uint8)
     return _to_working(tpl, mask, spacing)
