@@ -6,8 +6,13 @@ raw BIDS dataset. The benchmark runs the real command line,
 ``cmb-bidsapp BIDS OUT participant --nprocs N -w WORK``, in a fresh output and work folder each
 time, as a child process, and records:
 
-* the wall time of the whole command (seconds), start to exit;
-* the time of each stage (Nipype node), from the run's own ``logs/<run>/timings.tsv``;
+* the wall time of the whole command (seconds), start to exit, and the CPU seconds (user +
+  system) of its whole process tree;
+* three phases: ``setup`` (start-up, BIDS validation, indexing, pre-flight reads, building the
+  graph: until the app prints "processing N image(s)"), ``workflow`` (Nipype's run, until the
+  run's ``timings.tsv`` is written) and ``finish`` (the HTML reports, exit);
+* the time of each stage (Nipype node), from the run's own ``logs/<run>/timings.tsv``; with
+  ``--nprocs 2`` nodes may overlap, so stages can add up to more than the workflow phase;
 * peak memory: the largest sum of the resident set sizes (RSS) of the command's process tree,
   polled every 0.05 s with psutil (forked MultiProc workers share pages with their parent, so
   this sum overstates what the machine needs), and the largest RSS of any one process
@@ -36,8 +41,14 @@ subjects (``benchmarks/bench_group.py``, called, not duplicated).
 
 Usage::
 
-    python benchmarks/bench_pipeline.py [--repeats 3] [--cases ...] [--nprocs 1 2]
-        [--quick] [--data DIR] [--json benchmarks/results/pipeline.json]
+    python benchmarks/bench_pipeline.py [--repeats 3] [--repeats-05 N] [--cases ...]
+        [--nprocs 1 2] [--series-nprocs 2] [--series-repeats N] [--quick] [--data DIR]
+        [--group-subjects 1000] [--ab-baseline DIR] [--json benchmarks/results/pipeline.json]
+
+``--ab-baseline DIR`` compares two versions in one session: DIR holds another copy of the
+``cmb_bidsapp`` package (e.g. ``git archive <commit> cmb_bidsapp | tar -x -C DIR``), each run
+of the current code is paired with a run of that copy (put first on ``PYTHONPATH``), in
+alternation, and the ratios baseline/current of the medians are reported (wall, CPU, stages).
 
 ``--quick`` runs the small simulator grids (``--size small``) once each: a check that the
 script works, not a measurement. Times depend on the machine and its load: the script records
@@ -278,19 +289,17 @@ def read_timings(out: Path) -> tuple[dict[str, float], float | None]:
 
 
 def count_candidates(out: Path) -> dict:
-    """Lesions kept and candidates examined, from the derivatives (None where not written)."""
-    kept = rejected = None
-    lesions = sorted(out.glob("sub-*/**/anat/*_desc-CMB_lesions.tsv"))
-    if lesions:
-        with lesions[0].open() as fh:
-            kept = sum(1 for _ in fh) - 1
-    for q in sorted(out.glob("sub-*/figures/*desc-qc*.json")):
-        with contextlib.suppress(ValueError, OSError):
+    """Lesions kept and candidates rejected, from the image's QC record (None if not written).
+
+    `candidates` = kept + rejected: every candidate the detection stage examined.
+    """
+    for q in sorted(out.glob("sub-*/**/figures/*_desc-qc_*.json")):
+        with contextlib.suppress(ValueError, OSError, TypeError):
             qc = json.loads(q.read_text())
-            for key in ("n_candidates", "candidates"):
-                if isinstance(qc.get(key), int):
-                    rejected = qc[key]
-    return {"lesions": kept, "candidates": rejected}
+            kept = int(qc["counts"]["total"])
+            rejected = int(qc.get("n_rejected") or 0)
+            return {"lesions": kept, "rejected": rejected, "candidates": kept + rejected}
+    return {"lesions": None, "rejected": None, "candidates": None}
 
 
 def machine() -> dict:
@@ -382,7 +391,9 @@ def print_table(results: dict) -> None:
     for name, r in rows.items():
         for nprocs, ratio in r.get("ratio_baseline_over_current", {}).items():
             print(f"before/after {name} nprocs={nprocs}: {json.dumps(ratio)}")
-    for key in ("voxel_series", "candidate_series", "nprocs", "group", "targets"):
+    for key in (
+        "voxel_series", "voxel_fit", "candidate_series", "candidate_fit", "nprocs", "group", "targets"
+    ):  # fmt: skip
         if key in results:
             print(f"{key}: {json.dumps(results[key])}")
 
@@ -404,8 +415,20 @@ def summarise(results: dict) -> None:
     results["candidate_series"] = _series(
         results,
         CANDIDATE_SERIES,
-        lambda r, m: m["candidates"].get("candidates") or m["candidates"].get("lesions"),
+        lambda r, m: m["candidates"].get("candidates"),
     )
+    for key in ("voxel_series", "candidate_series"):
+        fits = {}
+        for nprocs in sorted({p["nprocs"] for p in results[key]}):
+            pts = [(p["x"], p["wall_s"]) for p in results[key] if p["nprocs"] == nprocs and p["x"]]
+            if len(pts) >= 2 and len({x for x, _ in pts}) >= 2:
+                x, y = np.array(pts, dtype=float).T
+                slope, icpt = np.polyfit(x, y, 1)
+                fit = {"seconds_per_unit": float(f"{slope:.4g}"), "intercept_s": round(icpt, 1)}
+                if key == "voxel_series":  # exponent of t ~ N^e (1: linear)
+                    fit["loglog_exponent"] = round(float(np.polyfit(np.log(x), np.log(y), 1)[0]), 2)
+                fits[nprocs] = fit
+        results[key.replace("series", "fit")] = fits
     ratios = {}
     for name, r in results["cases"].items():
         runs = r["runs"]
