@@ -552,19 +552,27 @@ def main(argv: list[str] | None = None) -> int:
                         },
                     }
             results["cases"][name] = entry
+            _write(results, args.json)  # after each case: a stopped benchmark keeps its results
         if args.group_subjects:
+            print(f"[bench] group level over {args.group_subjects} subjects", file=sys.stderr)
             results["group"] = group_benchmark(args.group_subjects, args.group_repeats)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
         if not args.data:
             shutil.rmtree(data, ignore_errors=True)
     results["machine_after"] = machine()
-    summarise(results)
+    _write(results, args.json)
     print_table(results)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(f"[bench] wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _write(results: dict, path: Path) -> None:
+    summarise(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(json.dumps(results, indent=1) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":
