@@ -63,7 +63,6 @@ import csv
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -169,6 +168,8 @@ class TreeMonitor:
         self.interval = interval
         self.peak_sum = 0
         self.peak_one = 0
+        self.cpu: dict[int, float] = {}  # pid -> user + system CPU seconds, last seen
+        self.app_pid: int | None = None  # the app's main process (the wrapper's child)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -186,21 +187,27 @@ class TreeMonitor:
         while not self._stop.is_set():
             total = 0
             try:
+                direct = self.proc.children()
                 procs = [self.proc, *self.proc.children(recursive=True)]
             except psutil.Error:
                 break
+            if direct and self.app_pid is None:
+                self.app_pid = direct[0].pid
             for p in procs:
                 with contextlib.suppress(psutil.Error):
                     rss = p.memory_info().rss
                     total += rss
                     self.peak_one = max(self.peak_one, rss)
+                    times = p.cpu_times()
+                    self.cpu[p.pid] = times.user + times.system
             self.peak_sum = max(self.peak_sum, total)
             self._stop.wait(self.interval)
 
-
-def _children_maxrss() -> int:
-    """Largest RSS of any waited-for child so far (bytes; Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    def cpu_split(self) -> dict[str, float]:
+        """CPU seconds of the app's main process and of its workers (as last polled)."""
+        main = self.cpu.get(self.app_pid, 0.0) if self.app_pid else 0.0
+        others = sum(v for k, v in self.cpu.items() if k not in (self.app_pid, self.proc.pid))
+        return {"cpu_main_s": round(main, 2), "cpu_workers_s": round(others, 2)}
 
 
 def run_participant(
@@ -264,6 +271,7 @@ def run_participant(
         "rc": rc,
         "wall_s": round(wall, 2),
         "cpu_s": cpu_s,  # user + system CPU seconds of the whole process tree
+        **mon.cpu_split(),
         "peak_rss_tree_gb": round(mon.peak_sum / 1e9, 3),
         "peak_rss_process_gb": round(max(maxrss_one, mon.peak_one) / 1e9, 3),
         "phases": phases,
@@ -334,6 +342,8 @@ def median_run(runs: list[dict]) -> dict:
         "wall_min_s": min(wall),
         "wall_max_s": max(wall),
         "cpu_s": round(statistics.median(r["cpu_s"] or 0.0 for r in ok), 2),
+        "cpu_main_s": round(statistics.median(r.get("cpu_main_s", 0.0) for r in ok), 2),
+        "cpu_workers_s": round(statistics.median(r.get("cpu_workers_s", 0.0) for r in ok), 2),
         "peak_rss_tree_gb": max(r["peak_rss_tree_gb"] for r in ok),
         "peak_rss_process_gb": max(r["peak_rss_process_gb"] for r in ok),
         "phases": {
