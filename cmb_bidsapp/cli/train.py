@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="detector steps per epoch (overrides --iters)",
     )
     t.add_argument("--patience", type=int, default=5, help="early-stopping patience (epochs)")
+    t.add_argument(
+        "--detector-patience", type=int, default=None, help="detector patience (default --patience)"
+    )
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (teacher, students)")
     t.add_argument("--detector-lr", type=float, default=2e-3, help="Adam learning rate (detector)")
     t.add_argument("--kd-temperature", type=float, default=4.0)
@@ -360,6 +363,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         device=str(device),
         stages=tuple(args.stages),
         patience=args.patience,
+        detector_patience=args.detector_patience,
         lr=args.lr,
         detector_lr=args.detector_lr,
         kd_temperature=args.kd_temperature,

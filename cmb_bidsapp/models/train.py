@@ -121,6 +121,7 @@ class TrainSettings:
     teacher_epochs: int = 20
     student_epochs: int = 20
     patience: int = 5
+    detector_patience: int | None = None
     lr: float = 1e-3
     detector_lr: float = 2e-3
     detector_widths: tuple[int, ...] = networks.DETECTOR_WIDTHS
@@ -218,6 +219,7 @@ def fit(
     max_epochs: int,
     iters: int,
     lr: float | None = None,
+    patience: int | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with Adam + cosine decay, early stopping and per-epoch checkpoints.
 
@@ -278,7 +280,7 @@ def fit(
             + "".join(f", {k} {v:.3f}" for k, v in metrics.items())
             + (" *" if improved else "")
         )
-        if state["bad"] >= ctx.settings.patience:
+        if state["bad"] >= (patience or ctx.settings.patience):
             state["done"] = True
         if state["epoch"] >= max_epochs:
             state["done"] = True
@@ -411,6 +413,7 @@ def train_detector(
         s.detector_epochs,
         s.detector_iters,
         lr=s.detector_lr,
+        patience=s.detector_patience,
     )
 
 
