@@ -1,7 +1,7 @@
 """Benchmark of the participant run: wall time per stage and peak memory, on simulated subjects.
 
 Each case is one simulated subject (``cmb_bidsapp.synth.simulate_subject`` with a fixed seed,
-a fixed voxel size, axial RAS storage and a skull, so that brain extraction runs), written as a
+a fixed voxel size, storage as acquired (orientation "RAS") and a skull, so that brain extraction runs), written as a
 raw BIDS dataset. The benchmark runs the real command line,
 ``cmb-bidsapp BIDS OUT participant --nprocs N -w WORK``, in a fresh output and work folder each
 time, as a child process, and records:
@@ -30,7 +30,7 @@ megre        megre     0.8 × 0.8 × 1.6 (3D)     3 echoes, magnitude and phase
 qsm          qsm       0.8 × 0.8 × 1.6 (3D)     χ map of a 3-echo acquisition (ppm)
 swi_12       swi       1.2 × 1.2 × 2.4 (3D)     third grid of the voxel-count series
 swi_08_c0    swi       0.8 × 0.8 × 1.6          no microbleed, no mimic (candidate series)
-swi_08_c40   swi       0.8 × 0.8 × 1.6          40 microbleeds, 3 × the mimics (candidate series)
+swi_08_c40   swi       0.8 × 0.8 × 1.6          40 microbleeds, mimic rate × 3 (candidate series)
 ============ ========= ======================== ===========================================
 
 Series reported from these: growth with voxel count (swi_12, swi_08, swi_05: seconds per
@@ -105,7 +105,7 @@ CASES = {
         Case("swi_12", "swi", (1.2, 1.2, 2.4), "3D SWI 1.2×1.2×2.4 mm"),
         Case("swi_08_c0", "swi", (0.8, 0.8, 1.6), "3D SWI 0.8 mm, no lesion, no mimic",
              {"n_microbleeds": 0, "mimic_rate": 0.0}),
-        Case("swi_08_c40", "swi", (0.8, 0.8, 1.6), "3D SWI 0.8 mm, 40 lesions, 3× mimics",
+        Case("swi_08_c40", "swi", (0.8, 0.8, 1.6), "3D SWI 0.8 mm, 40 lesions, mimic rate ×3",
              {"n_microbleeds": 40, "mimic_rate": 3.0}),
     ]
 }  # fmt: skip
