@@ -1,8 +1,8 @@
 """Benchmark of the participant run: wall time per stage and peak memory, on simulated subjects.
 
 Each case is one simulated subject (``cmb_bidsapp.synth.simulate_subject`` with a fixed seed,
-a fixed voxel size, storage as acquired (orientation "RAS") and a skull, so that brain extraction runs), written as a
-raw BIDS dataset. The benchmark runs the real command line,
+a fixed voxel size, storage as acquired (orientation "RAS") and a skull, so that brain
+extraction runs), written as a raw BIDS dataset. The benchmark runs the real command line,
 ``cmb-bidsapp BIDS OUT participant --nprocs N -w WORK``, in a fresh output and work folder each
 time, as a child process, and records:
 
