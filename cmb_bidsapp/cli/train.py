@@ -126,6 +126,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (teacher, students)")
     t.add_argument("--detector-lr", type=float, default=2e-3, help="Adam learning rate (detector)")
+    t.add_argument(
+        "--student-widths",
+        type=lambda x: tuple(int(v) for v in x.split(",")),
+        default=None,
+        help="student widths, e.g. 16,32,64 (default 8,16,32)",
+    )
+    t.add_argument(
+        "--student-init",
+        choices=("random", "teacher"),
+        default="random",
+        help="start both students from random weights or from the teacher's Tf + Tc",
+    )
+    t.add_argument("--student-lr", type=float, default=None, help="student learning rate")
     t.add_argument("--kd-temperature", type=float, default=4.0)
     t.add_argument("--kd-alpha", type=float, default=0.3)
     t.add_argument("--seed", type=int, default=0)
@@ -364,6 +377,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         stages=tuple(args.stages),
         patience=args.patience,
         detector_patience=args.detector_patience,
+        student_init=args.student_init,
+        student_lr=args.student_lr,
         lr=args.lr,
         detector_lr=args.detector_lr,
         kd_temperature=args.kd_temperature,
@@ -373,6 +388,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     )
     if args.epochs is not None:
         s.detector_epochs = s.teacher_epochs = s.student_epochs = args.epochs
+    if args.student_widths is not None:
+        s.student_widths = tuple(args.student_widths)
+    if args.student_init == "teacher" and tuple(s.student_widths) != tuple(s.teacher_widths):
+        raise UsageError("--student-init teacher needs --student-widths equal to the teacher's")
     for stage in ("detector", "teacher", "student"):
         if getattr(args, f"{stage}_epochs") is not None:
             setattr(s, f"{stage}_epochs", getattr(args, f"{stage}_epochs"))

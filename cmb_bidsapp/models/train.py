@@ -127,6 +127,8 @@ class TrainSettings:
     detector_widths: tuple[int, ...] = networks.DETECTOR_WIDTHS
     teacher_widths: tuple[int, ...] = networks.TEACHER_WIDTHS
     student_widths: tuple[int, ...] = networks.STUDENT_WIDTHS
+    student_init: str = "random"
+    student_lr: float | None = None
     detector_patch: int = DETECTOR_PATCH
     detector_batch: int = 8
     detector_iters: int = 50
@@ -759,7 +761,9 @@ def train_student(
         return _balanced_ce(z, vy_t), {"auc": auc(p, vy)}
 
     # The same stage id for both students: identical batches and initial weights for a seed.
-    return fit(ctx, name, 3, model, train_step, validate, s.student_epochs, s.disc_iters)
+    return fit(
+        ctx, name, 3, model, train_step, validate, s.student_epochs, s.disc_iters, lr=s.student_lr
+    )
 
 
 # ----------------------------------------------------------------------------------------
@@ -970,6 +974,12 @@ def train_all(
             raise ValueError("the student needs a teacher: train it or give --init-from")
 
     # -- students --------------------------------------------------------------------------
+    if "student" in s.stages and s.student_init == "teacher":
+        # Both students (KD and no-KD) start from the trained teacher's Tf + Tc (same widths).
+        for key in ("student", "student_nokd"):
+            models[key].tf.load_state_dict(models["teacher"].tf.state_dict())
+            models[key].tc.load_state_dict(models["teacher"].tc.state_dict())
+        ctx.log("[student] both students start from the teacher's Tf + Tc")
     if "student" in s.stages:
         st = train_student(
             ctx, train, cs, vx, vy, models["student"], models["teacher"], s.kd_alpha, "student"
