@@ -14,7 +14,8 @@ Usage::
    ``lesion_bright`` → ``frst`` → :func:`cmb_bidsapp.models.infer.detect` with the bundle and its
    default threshold; writes ``<source>_label-CMB_mask.nii.gz`` into ``OUT_DIR/pred`` (and, for
    the KD ablation, the no-KD student's masks at its own validation threshold into
-   ``OUT_DIR/pred_nokd``).
+   ``OUT_DIR/pred_nokd``), and every candidate of the detector at ``t_det`` (before the student)
+   into ``OUT_DIR/pred_candidates`` (the candidate recall: what the student can reach at best).
    ``--prepare-only`` stops after simulation and preprocessing (cached in ``OUT_DIR/cache``);
    a later run with a bundle reuses the cache (preprocessing does not depend on the bundle).
 3. Scores with ``cmb-bidsapp-eval OUT_DIR/pred OUT_DIR/bids/derivatives/reference`` and prints the table:
@@ -102,7 +103,7 @@ def detect_image(image, bundle_path: str | None, out: Path, threads: int) -> dic
         "candidates": int(len(res.candidate_scores)),
         "detections": res.n_lesions,
     }
-    for folder, labels in (("pred", res.labels),):
+    for folder, labels in (("pred", res.labels), ("pred_candidates", res.candidate_labels)):
         path = DerivativesWriter(out / folder).path_for(image, "mask", label="CMB")
         atomic_save_nifti(nib.Nifti1Image((labels > 0).astype(np.uint8), affine), path)
     if b.student_nokd is not None:
@@ -181,7 +182,7 @@ def main() -> None:
             ],
             check=True,
         )
-    for d in ("pred", "pred_nokd"):
+    for d in ("pred", "pred_nokd", "pred_candidates"):
         atomic_write_json(
             out / d / "dataset_description.json",
             {
@@ -213,6 +214,7 @@ def main() -> None:
         return
     scores = _eval(out / "pred", ref_dir, out / "eval" / "cmb_eval")
     scores_nokd = _eval(out / "pred_nokd", ref_dir, out / "eval" / "cmb_eval_nokd")
+    scores_cand = _eval(out / "pred_candidates", ref_dir, out / "eval" / "cmb_eval_candidates")
     result = {
         "command": " ".join(["python", "benchmarks/accuracy.py", *sys.argv[1:]]),
         "n_subjects": args.n,
@@ -222,6 +224,7 @@ def main() -> None:
         "detect_s": round(t_det, 1),
         "eval": scores,
         "eval_nokd": scores_nokd,
+        "eval_candidates": scores_cand,
     }
     atomic_write_json(out / "accuracy.json", result)
     tot = scores["totals"]
@@ -229,6 +232,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     print(_row("all (KD student)", tot))
     print(_row("all (no-KD student)", scores_nokd["totals"]))
+    print(_row("all candidates (detector at t_det)", scores_cand["totals"]))
+    for k, d in scores_cand.get("per_kind", {}).items():
+        print(_row(f"candidates, kind {k}", d))
     for k, d in scores.get("per_class", {}).items():
         print(_row(f"class {k}", d))
     for k, d in scores.get("per_kind", {}).items():
