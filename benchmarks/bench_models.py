@@ -2,7 +2,8 @@
 
 Usage::
 
-    python benchmarks/bench_models.py [--bundle DIR] [--kind swi] [--seed 7] [--repeats 3]
+    python benchmarks/bench_models.py [--bundle DIR] [--kind swi] [--seed 7] [--voxel-mm 0.8]
+                                      [--repeats 3]
                                       [--threads 2] [--device cpu] [--json OUT.json]
     python benchmarks/bench_models.py --real-megre ../shared/data/real-megre [--bundle DIR]
 
@@ -113,6 +114,9 @@ def main() -> None:
     ap.add_argument("--bundle", default="default")
     ap.add_argument("--kind", default="swi", choices=("swi", "t2starw", "megre", "qsm"))
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument(
+        "--voxel-mm", type=float, default=None, help="isotropic voxel of the simulated image (mm)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -129,7 +133,8 @@ def main() -> None:
     from cmb_bidsapp.synth.subject import simulate_subject
 
     t0 = time.perf_counter()
-    sim = simulate_subject(args.seed, args.kind, size="full")
+    over = {"voxel_mm": (args.voxel_mm,) * 3} if args.voxel_mm else {}
+    sim = simulate_subject(args.seed, args.kind, size="full", **over)
     raw = raw_from_simulated(sim, "sub-bench", "bench", mask_seed=args.seed)
     lb, fr = preprocess(raw.image, raw.affine, raw.brain, raw.kind)
     prep_s = time.perf_counter() - t0
