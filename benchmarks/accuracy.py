@@ -239,7 +239,7 @@ def main() -> None:
         print(_row(f"class {k}", d))
     for k, d in scores.get("per_kind", {}).items():
         print(_row(f"kind {k}", d))
-    print(f"\ncount difference (mean |n_pred - n_ref|): {tot.get('count_difference')}")
+    print(f"\ncount difference (mean |n_pred - n_ref|): {tot.get('mean_abs_count_difference')}")
     print(json.dumps({k: tot.get(k) for k in tot if "subject" in k or "auc" in k}, indent=1))
     print(f"simulation {t_sim / 60:.1f} min, detection {t_det / 60:.1f} min")
 
