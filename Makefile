@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 DEMO ?= demo
 PYTEST_ARGS ?=
 # The demo cohort (tests/test_app_e2e.py runs the app and the BIDS validator on this same cohort)
-DEMO_SYNTH_ARGS := --n-subjects 4 --size small --kinds mix --skull-fraction 0.5 --seed 42
+DEMO_SYNTH_ARGS := --n-subjects 4 --size full --kinds mix --skull-fraction 0.5 --seed 42
 
 .PHONY: venv demo test lint docs clean system-test-deps
 
