@@ -491,7 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more app options")
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="only merge these result JSONs (cases, group; later files win) into --json",
+    )
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.json)
     if args.quick:
         args.repeats, args.repeats_05, args.series_repeats = 1, 1, 1
 
@@ -574,6 +582,35 @@ def main(argv: list[str] | None = None) -> int:
     _write(results, args.json)
     print_table(results)
     print(f"[bench] wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def merge(paths: list[Path], out: Path) -> int:
+    """Combine the cases (and group level) of several result files, e.g. sessions with
+    different repeats; each case keeps the machine record of its own session."""
+    results: dict = {"merged_from": [], "cases": {}}
+    for path in paths:
+        part = json.loads(Path(path).read_text())
+        for key in ("version", "size", "model_bundle", "machine_before", "command", "date_utc"):
+            results.setdefault(key, part.get(key))
+        results["merged_from"].append(
+            {
+                "file": Path(path).name,
+                "command": part.get("command"),
+                "date_utc": part.get("date_utc"),
+                "machine_before": part.get("machine_before"),
+                "machine_after": part.get("machine_after"),
+                "cases": list(part.get("cases", {})),
+            }
+        )
+        for name, case in part.get("cases", {}).items():
+            case["session"] = Path(path).name
+            results["cases"][name] = case
+        if "group" in part:
+            results["group"] = part["group"]
+        results["machine_after"] = part.get("machine_after")
+    _write(results, out)
+    print_table(results)
     return 0
 
 
