@@ -150,11 +150,14 @@ def test_variants_give_the_same_answer(corpus_run):
     mask = _image(out, "good", "_desc-brain_mask.nii.gz")
     # left-handed storage: the same voxels reversed along x, the same world
     assert np.array_equal(_image(out, "lefthand", "_desc-brain_mask.nii.gz")[::-1], mask)
-    for name in ("lefthand", "scl", "notgzip", "qsform", "noorient"):
+    for name in ("lefthand", "scl", "notgzip", "qsform"):
         other = _lesions(out, name)
         assert len(other) == len(good), name
-        if name != "noorient":  # no orientation: same voxels, assumed axes
-            assert np.allclose(other[["x", "y", "z"]], good[["x", "y", "z"]], atol=0.05), name
+        assert np.allclose(other[["x", "y", "z"]], good[["x", "y", "z"]], atol=0.05), name
+    # no orientation: the same voxels on assumed axes, so the networks see the head turned on the
+    # working grid; on this coarse test grid (outside their 0.45-1 mm range) a marginal detection
+    # may come or go
+    assert abs(len(_lesions(out, "noorient")) - len(good)) <= 1
     prep = _image(out, "good", "_desc-preproc_T2starw.nii.gz")
     scl = _image(out, "scl", "_desc-preproc_T2starw.nii.gz")
     assert np.corrcoef(prep.ravel(), scl.ravel())[0, 1] > 0.9999
