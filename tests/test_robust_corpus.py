@@ -237,18 +237,18 @@ def _can_mount_tmpfs(path) -> bool:
     if os.geteuid() != 0 or shutil.which("mount") is None:
         return False
     path.mkdir(parents=True, exist_ok=True)
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(path)]).returncode
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(path)]).returncode
     if ok == 0:
         subprocess.run(["umount", str(path)], check=True)
     return ok == 0
 
 
 def test_disk_full_on_a_small_file_system(corpus_run, tmp_path):
-    """A real full disk: OUTPUT_DIR on a 1 MB tmpfs (needs root and mount; skipped otherwise)."""
+    """A real full disk: OUTPUT_DIR on a 128 kB tmpfs (needs root and mount; skipped otherwise)."""
     out = tmp_path / "out"
     if not _can_mount_tmpfs(out):
         pytest.skip("cannot mount a tmpfs here")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(out)], check=True)
     try:
         args = ["participant", "--participant-label", "good", "-w", corpus_run["work"]]
         proc = run_app(corpus_run["bids"], out, *args, "--skip-bids-validation")

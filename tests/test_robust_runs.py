@@ -75,6 +75,10 @@ def _status(out: Path, pid: int) -> dict | None:
     return None
 
 
+LAST_STAGES = {"ds_outputs", "report_figures", "done"}
+"""Stages too close to the end of a run to be sure a signal lands before it exits."""
+
+
 def _wait(proc, out, watcher, *, stages_seen: set[str], count: int, timeout=400) -> set[str]:
     """Wait until the run has shown `count` stages in progress that no earlier run stopped in."""
     deadline = time.monotonic() + timeout
@@ -83,7 +87,9 @@ def _wait(proc, out, watcher, *, stages_seen: set[str], count: int, timeout=400)
         watcher.look()
         assert proc.poll() is None, "the run finished before it could be interrupted"
         status = _status(out, proc.pid) or {}
-        fresh |= set(status.get("current_stage", {}).values()) - stages_seen
+        # the last stages can end before the signal lands (the run then exits 0): not counted
+        stages = set(status.get("current_stage", {}).values()) - LAST_STAGES
+        fresh |= stages - stages_seen
         if len(fresh) >= count:
             return fresh
         time.sleep(0.2)

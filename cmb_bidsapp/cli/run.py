@@ -285,10 +285,11 @@ def run_participant(config) -> int:
 
     writer = DerivativesWriter(config.output_dir, config.bids_dir)
     writer.init_dataset()
-    # Leftovers of killed runs: at the top, in logs/ and in the selected subjects' folders only
-    # (a cluster array of jobs must not each walk the whole derivatives tree).
+    # Leftovers of killed runs: at the top, in logs/ (with the run folders, where a killed run
+    # may leave its status file half-written) and in the selected subjects' folders only (a
+    # cluster array of jobs must not each walk the whole derivatives tree).
     stale = remove_stale_parts(config.output_dir, recursive=False)
-    stale += remove_stale_parts(config.output_dir / "logs", recursive=False)
+    stale += remove_stale_parts(config.output_dir / "logs")
     for subject in sorted({i.subject for i in inputs}):
         stale += remove_stale_parts(config.output_dir / f"sub-{subject}")
     if stale:
