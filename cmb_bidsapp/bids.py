@@ -85,6 +85,7 @@ BIDSIGNORE_LINES = (
     "**/figures",  # the validator does not apply "figures/" to sub-XX/figures itself
     "logs/",
     "eval/",
+    "eval",  # the validator reports the folder itself ("/eval/") unless a bare name matches it
     "*.tfm",
     "*_xfm.*",
 )

@@ -133,6 +133,18 @@ def test_scoring_runs_on_the_outputs(cohort):
     print(json.dumps(totals, indent=1, default=str))
     assert totals["n_images"] == 3 and totals["n_missing_predictions"] == 0
     assert totals["n_ref"] >= 1
+    # as after `make demo` and the eval command it prints: the scores land in OUTPUT_DIR/eval,
+    # and OUTPUT_DIR stays a valid derivatives dataset
+    ref = cohort["bids"] / "derivatives" / "reference"
+    proc = subprocess.run(
+        [str(BIN / "cmb-bidsapp-eval"), str(cohort["out"]), str(ref)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (cohort["out"] / "eval" / "cmb_eval.tsv").is_file()
+    result = validate(cohort["out"])
+    assert result.valid, result.summary()
 
 
 def test_resume_is_fast_and_identical(cohort):

@@ -276,7 +276,7 @@ def test_cli_writes_tsv_and_json(dataset, capsys):
     assert data["missing_predictions"] == ["sub-03/ses-1/anat/sub-03_ses-1_label-CMB_mask.nii.gz"]
     lesions = _read_tsv(out / "eval" / "cmb_eval_lesions.tsv")
     assert len(lesions) == 7 + 5  # reference lesions + predicted lesions
-    assert "eval/" in (out / ".bidsignore").read_text().splitlines()
+    assert "eval" in (out / ".bidsignore").read_text().splitlines()
 
 
 def test_cli_options_and_out_prefix(dataset, tmp_path):

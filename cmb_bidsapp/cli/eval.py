@@ -214,7 +214,8 @@ def _ignore_in_dataset(deriv_dir: Path, out_prefix: Path) -> None:
         rel = out_prefix.resolve().relative_to(deriv_dir.resolve())
     except ValueError:
         return
-    pattern = f"{rel.parts[0]}/" if len(rel.parts) > 1 else f"{rel.name}*"
+    # a bare folder name: with "NAME/" the validator still reports the folder itself
+    pattern = rel.parts[0] if len(rel.parts) > 1 else f"{rel.name}*"
     ignore = deriv_dir / ".bidsignore"
     lines = ignore.read_text(encoding="utf-8").splitlines() if ignore.is_file() else []
     if pattern not in lines:
