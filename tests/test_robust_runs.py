@@ -75,7 +75,7 @@ def _status(out: Path, pid: int) -> dict | None:
     return None
 
 
-LAST_STAGES = {"ds_outputs", "report_figures", "done"}
+LAST_STAGES = {"cleanup", "lesion_table", "ds_outputs", "report_figures", "done"}
 """Stages too close to the end of a run to be sure a signal lands before it exits."""
 
 
