@@ -34,6 +34,9 @@ demo: $(STAMP)
 	@echo "Score the detections against the simulated truth with:"
 	@echo "  $(BIN)/cmb-bidsapp-eval $(DEMO)/derivatives $(DEMO)/bids/derivatives/reference"
 
+# Debian packages the tests need: chromium (browser test of the reports) and slurmctld, slurmd,
+# slurm-client, munge (the real SLURM test). The script installs them with apt-get when run as root
+# on Debian/Ubuntu (CI), and otherwise says why those tests will skip.
 system-test-deps:
 	./scripts/install-test-system-deps.sh
 
