@@ -35,6 +35,8 @@ class Config:
     mem_gb: float | None = None
     plugin: str = "Linear"
     plugin_args: dict[str, Any] = field(default_factory=dict)
+    plugin_chosen: bool = False
+    """True when --use-plugin named the plugin (the app then never swaps it)."""
     skull_strip: str = "auto"
     device: str = "auto"
     models_dir: Path | None = None

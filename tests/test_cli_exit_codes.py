@@ -96,3 +96,21 @@ def test_boilerplate_only(tmp_path, dataset, capsys):
     assert "N4" in text and "## References" in text and "Tustison" in text
     desc = json.loads((tmp_path / "out" / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "cmb-bidsapp"
+
+
+def test_one_image_runs_in_process_with_all_threads(tmp_path, dataset):
+    """--nprocs 2 on one image: Linear with 2 threads per step (a pool would only add process
+    start-ups); several images keep MultiProc; a plugin named by --use-plugin is never swapped."""
+    from cmb_bidsapp.cli.parser import parse_args
+    from cmb_bidsapp.cli.run import _plugin_for
+
+    config = parse_args([str(dataset), str(tmp_path / "out"), "participant", "--nprocs", "2"])
+    assert (config.plugin, config.omp_nthreads) == ("MultiProc", 2)
+    assert _plugin_for(config, 1) == ("Linear", {})
+    assert _plugin_for(config, 2)[0] == "MultiProc"
+    plugin_file = tmp_path / "plugin.yml"
+    plugin_file.write_text("plugin: MultiProc\nplugin_args: {n_procs: 2}\n")
+    chosen = parse_args(
+        [str(dataset), str(tmp_path / "out"), "participant", "--use-plugin", str(plugin_file)]
+    )
+    assert _plugin_for(chosen, 1) == ("MultiProc", {"n_procs": 2})

@@ -136,3 +136,33 @@ def test_phase_to_radians_same_bits_as_reference(name, value_range):
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, expected)
     np.testing.assert_array_equal(phase, before)  # the input is never changed in place
+
+
+def test_label_stats_equal_scipy():
+    """Counts, centres (plain and weighted), maxima and minima over labelled voxels only equal
+    SciPy's whole-volume functions, for unsorted ids, absent ids and labels left out of ids."""
+    from cmb_bidsapp.labelstats import LabelStats
+
+    rng = np.random.default_rng(3)
+    labels, n = ndi.label(_blobs() > 0.5)
+    assert n >= 4
+    values = rng.random(labels.shape).astype(np.float32)
+    ids = np.array([3, 1, n + 5, 2])  # unsorted, one absent; label 4.. left out
+    stats = LabelStats(labels, ids)
+    present = np.array([i for i in ids if i <= n])
+    rows = np.array([list(ids).index(i) for i in present])
+    assert np.array_equal(
+        stats.counts()[rows], ndi.sum_labels(np.ones_like(values), labels, present)
+    )
+    assert stats.counts()[list(ids).index(n + 5)] == 0
+    np.testing.assert_allclose(
+        stats.centres()[rows], ndi.center_of_mass(np.ones_like(values), labels, present), rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        stats.centres(values)[rows], ndi.center_of_mass(values, labels, present), rtol=1e-6
+    )
+    np.testing.assert_array_equal(stats.maximum(values)[rows], ndi.maximum(values, labels, present))
+    np.testing.assert_array_equal(stats.minimum(values)[rows], ndi.minimum(values, labels, present))
+    assert np.isnan(stats.maximum(values)[list(ids).index(n + 5)])
+    empty = LabelStats(np.zeros((3, 3, 3), int), np.zeros(0, int))
+    assert empty.centres().shape == (0, 3) and empty.counts().size == 0

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage as ndi
 
+from ..labelstats import LabelStats
 from .regions import MARS_REGIONS, UNKNOWN_REGION, label_class
 
 MAX_DISTANCE_MM = 5.0
@@ -100,7 +101,7 @@ def region_table(
     votes = votes.reshape(ids.size, N_LABELS)
     n_vox = votes.sum(1)
     votes[:, 0] = 0
-    com = np.array(ndi.center_of_mass(sel, labels, ids)).reshape(-1, 3)
+    com = LabelStats(labels, ids).centres()
     centre_vox = np.clip(np.floor(com + 0.5).astype(int), 0, np.array(labels.shape) - 1)
     centre_region = regions[tuple(centre_vox.T)]
 

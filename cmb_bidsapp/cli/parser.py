@@ -312,6 +312,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         mem_gb=opts.mem,
         plugin=plugin,
         plugin_args=plugin_args,
+        plugin_chosen=opts.use_plugin is not None,
         skull_strip=opts.skull_strip,
         device=opts.device,
         models_dir=opts.models_dir.resolve() if opts.models_dir else None,

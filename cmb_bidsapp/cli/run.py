@@ -399,23 +399,38 @@ def _configure_nipype(config) -> None:
     nlogging.update_logging(ncfg)
 
 
+def _plugin_for(config, n_images: int) -> tuple[str, dict]:
+    """The Nipype plugin and its arguments for this run.
+
+    One image is a chain of steps: MultiProc would only add a fresh worker process per step
+    (torch and the networks imported again each time) and run nothing in parallel, so unless
+    ``--use-plugin`` named a plugin the steps run in this process (``Linear``), each with
+    ``--omp-nthreads`` threads. Measured on the 2D T2* benchmark subject on an idle 2-core
+    machine: 25.2 s against 30.1 s with one thread (``docs/performance.md``).
+    """
+    if config.plugin == "MultiProc" and n_images <= 1 and not config.plugin_chosen:
+        return "Linear", {}
+    return config.plugin, dict(config.plugin_args)
+
+
 def _run_workflow(config, wf, images) -> dict[str, Failure]:
     from .progress import Progress
 
     labels = {i.image_id: _label(i) for i in images}
     progress = Progress(config.log_dir, list(labels), labels)
-    plugin_args = dict(config.plugin_args)
+    plugin, plugin_args = _plugin_for(config, len(images))
     plugin_args.setdefault("status_callback", _TolerantCallback(progress))
-    if config.plugin == "MultiProc":
+    if plugin == "MultiProc":
         plugin_args.setdefault("n_procs", config.nprocs)
         plugin_args.setdefault("raise_insufficient", False)
         plugin_args.setdefault("maxtasksperchild", 1)
         if config.mem_gb:
             plugin_args.setdefault("memory_gb", config.mem_gb)
-    if config.plugin.startswith("SLURM"):
+    if plugin.startswith("SLURM"):
         os.environ.setdefault("LOGNAME", os.environ.get("USER", "cmb"))
     _say(
-        f"cmb-bidsapp: processing {len(images)} image(s) with the {config.plugin} plugin; work dir {config.work_dir}"
+        f"cmb-bidsapp: processing {len(images)} image(s) with the {plugin} plugin"
+        f" ({config.omp_nthreads} thread(s) per step); work dir {config.work_dir}"
     )
     _install_fork_hook()
     # Nipype's MultiProc calls gc.collect() at every poll (0.1 s) while a job waits for a free
@@ -425,7 +440,7 @@ def _run_workflow(config, wf, images) -> dict[str, Failure]:
     gc.freeze()
     interrupted = False
     try:
-        wf.run(plugin=config.plugin, plugin_args=plugin_args)
+        wf.run(plugin=plugin, plugin_args=plugin_args)
     except KeyboardInterrupt:
         interrupted = True
         raise

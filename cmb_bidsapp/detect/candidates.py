@@ -53,6 +53,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..labelstats import LabelStats
 from .frst import thick_slice_axis
 
 BACKGROUND_MM = 5.0
@@ -251,7 +252,7 @@ def label_candidates(
     keep = ids[(volumes[1:] >= min_volume_mm3) & (volumes[1:] <= max_volume_mm3)]
     if keep.size == 0:
         return np.zeros_like(labels), 0
-    com = np.asarray(ndi.center_of_mass(binary, labels, keep), dtype=float).reshape(-1, 3)
+    com = LabelStats(labels, keep).centres()
     order = np.lexsort((keep, com[:, 0], com[:, 1], com[:, 2]))
     lut = np.zeros(n + 1, dtype=np.int32)
     lut[keep[order]] = np.arange(1, keep.size + 1, dtype=np.int32)

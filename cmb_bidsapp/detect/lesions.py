@@ -32,9 +32,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage as ndi
 
 from ..anatomy.regions import MARS_REGIONS, UNKNOWN_REGION, region_class
+from ..labelstats import LabelStats
 
 COLUMNS: tuple[str, ...] = (
     "lesion_id",
@@ -142,15 +142,15 @@ def lesion_table(
     affine = np.asarray(affine, dtype=float)
     prob = np.asarray(prob, dtype=np.float32)
 
-    com = np.asarray(ndi.center_of_mass(np.ones(labels.shape, np.float32), labels, ids))
-    com = com.reshape(-1, 3)
+    stats = LabelStats(labels, ids)
+    com = stats.centres()
     centre_vox = np.rint(com).astype(np.int64)
     xyz = com @ affine[:3, :3].T + affine[:3, 3]
-    counts = np.asarray(ndi.sum_labels(np.ones(labels.shape, np.float32), labels, ids))
+    counts = stats.counts().astype(float)
     voxel_volume = float(abs(np.linalg.det(affine[:3, :3])))
     volume = counts * voxel_volume
     diameter = np.cbrt(6.0 * volume / np.pi)
-    pmax = np.asarray(ndi.maximum(prob, labels, ids), dtype=float)
+    pmax = stats.maximum(prob)
 
     if assign is not None:
         mapping = assign(labels, affine)

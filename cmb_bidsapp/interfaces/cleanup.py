@@ -82,13 +82,13 @@ class CleanUp(SimpleInterface):
         mask, _ = load(self.inputs.in_mask)
         scores = None
         if isdefined(self.inputs.in_probseg):
-            from scipy import ndimage as ndi
+            from ..labelstats import LabelStats
 
             prob, _ = load(self.inputs.in_probseg)
             lab = np.rint(labels).astype(np.int32)
             ids = np.unique(lab[lab > 0])
             if ids.size:
-                vals = ndi.maximum(np.asarray(prob, dtype=np.float32), lab, ids)
+                vals = LabelStats(lab, ids).maximum(np.asarray(prob, dtype=np.float32))
                 scores = {int(i): float(v) for i, v in zip(ids, np.atleast_1d(vals))}
         phase = None
         if isdefined(self.inputs.in_phase):

@@ -51,6 +51,7 @@ import torch
 from scipy import ndimage as ndi
 
 from ..detect.candidates import label_candidates
+from ..labelstats import LabelStats
 from .bundle import Bundle, load_bundle, resolve_device
 from .grid import WorkingGrid, mask_to_working, to_source, to_working, voxel_sizes_of, working_grid
 from .sampling import extract_patch
@@ -193,10 +194,8 @@ def component_centres(prob: np.ndarray, labels: np.ndarray, n: int) -> np.ndarra
     """Probability-weighted centre of mass (voxel indices, (n, 3) float) of components 1..n."""
     if n == 0:
         return np.zeros((0, 3))
-    w = np.where(labels > 0, prob, 0).astype(np.float64) + 1e-12 * (labels > 0)
-    return np.asarray(ndi.center_of_mass(w, labels, np.arange(1, n + 1)), dtype=float).reshape(
-        -1, 3
-    )
+    w = np.asarray(prob, dtype=np.float64) + 1e-12
+    return LabelStats(labels, np.arange(1, n + 1)).centres(w)
 
 
 def split_oversized(
@@ -303,7 +302,7 @@ def assemble(
     lut_s[1:] = scores
     pmax = np.ones(n + 1, dtype=np.float32)
     if n:
-        pmax[1:] = np.maximum(np.asarray(ndi.maximum(p_src, cand, ids), dtype=np.float32), 1e-6)
+        pmax[1:] = np.maximum(LabelStats(cand, ids).maximum(p_src).astype(np.float32), 1e-6)
     probseg = np.where(cand > 0, lut_s[cand] * p_src / pmax[cand], 0.0).astype(np.float32)
     probseg = np.clip(probseg, 0.0, 1.0)
     keep = np.asarray(scores) >= threshold
