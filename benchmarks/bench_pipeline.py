@@ -9,8 +9,8 @@ time, as a child process, and records:
 * the wall time of the whole command (seconds), start to exit, and the CPU seconds (user +
   system) of its whole process tree;
 * three phases: ``setup`` (start-up, BIDS validation, indexing, pre-flight reads, building the
-  graph: until the app prints "processing N image(s)"), ``workflow`` (Nipype's run, until the
-  run's ``timings.tsv`` is written) and ``finish`` (the HTML reports, exit);
+  graph: until the app prints "processing N image(s)"), ``workflow`` (Nipype's run: the
+  ``(run) workflow`` row of the run's ``timings.tsv``) and ``finish`` (the HTML reports, exit);
 * the time of each stage (Nipype node), from the run's own ``logs/<run>/timings.tsv``; with
   ``--nprocs 2`` nodes may overlap, so stages can add up to more than the workflow phase;
 * peak memory: the largest sum of the resident set sizes (RSS) of the command's process tree,
@@ -259,8 +259,17 @@ def run_participant(
     # its last node (the HTML reports): not in timings.tsv, so timed from the app's own lines.
     t_start = next((t for t, line in lines if "processing " in line and " image(s)" in line), None)
     stages, t_wf_end = read_timings(out)
+    run_rows = {k[len("(run) ") :]: v for k, v in stages.items() if k.startswith("(run) ")}
+    stages = {k: v for k, v in stages.items() if not k.startswith("(run) ")}
     phases = {}
-    if t_start is not None and t_wf_end is not None:
+    if t_start is not None and "workflow" in run_rows:
+        # the app's own workflow row (logs/<run>/timings.tsv, rewritten after the reports)
+        phases = {
+            "setup": round(t_start, 2),
+            "workflow": run_rows["workflow"],
+            "finish": round(wall - t_start - run_rows["workflow"], 2),
+        }
+    elif t_start is not None and t_wf_end is not None:
         t_wf_end -= t0_epoch
         phases = {
             "setup": round(t_start, 2),  # imports, validation, indexing, pre-flight, graph
@@ -292,7 +301,8 @@ def read_timings(out: Path) -> tuple[dict[str, float], float | None]:
     stages: dict[str, float] = {}
     with files[-1].open() as fh:
         for row in csv.DictReader(fh, delimiter="\t"):
-            stages[row["stage"]] = stages.get(row["stage"], 0.0) + float(row["seconds"])
+            key = f"(run) {row['stage']}" if row["image"] == "(run)" else row["stage"]
+            stages[key] = stages.get(key, 0.0) + float(row["seconds"])
     return {k: round(v, 2) for k, v in stages.items()}, files[-1].stat().st_mtime
 
 

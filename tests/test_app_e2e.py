@@ -121,6 +121,17 @@ def test_contract_outputs_and_validity(cohort):
         ):
             assert col in lesions.columns
     assert (out / "logs" / "CITATION.md").read_text().startswith("# Methods")
+    # the run's timings: every stage of every image, then the run's own phases
+    (timings,) = (out / "logs").glob("*/timings.tsv")
+    rows = pd.read_csv(timings, sep="\t")
+    assert list(rows.columns) == ["image", "stage", "seconds"]
+    per_image = rows[rows["image"] != "(run)"]
+    assert per_image["image"].nunique() == 3 and "detect_networks" in set(per_image["stage"])
+    run = dict(
+        zip(rows.loc[rows["image"] == "(run)", "stage"], rows["seconds"][rows["image"] == "(run)"])
+    )
+    assert list(run) == ["setup", "workflow", "reports", "total"]
+    assert run["total"] >= run["setup"] + run["workflow"] + run["reports"] - 0.05
     result = validate(out)
     assert result.valid, result.summary()
 

@@ -29,6 +29,9 @@ os.environ.setdefault("TEMPLATEFLOW_AUTOUPDATE", "0")
 
 from ..errors import EXIT_FAILED_IMAGES, EXIT_OK, CMBError, InvalidDatasetError
 
+_T_START = time.monotonic()
+"""When this module was imported: the start of a run, for the setup row of ``timings.tsv``."""
+
 LOGGER = logging.getLogger("cmb_bidsapp")
 _CMB_ERROR_RE = re.compile(r"CMB-ERROR\[(\d+)\] (.+)")
 _NODE_RE = re.compile(r"^Node: (.+)$", re.MULTILINE)
@@ -327,9 +330,12 @@ def run_participant(config) -> int:
     if config.boilerplate_only:
         _say(f"cmb-bidsapp: methods text written to {config.output_dir / 'logs' / 'CITATION.md'}")
         return EXIT_OK
+    phases = {"setup": time.monotonic() - min(_T_START, t0)}
     if runnable:
+        t_wf = time.monotonic()
         failures.update(_run_workflow(config, wf, runnable))
-    return _finish(config, inputs, failures, t0)
+        phases["workflow"] = time.monotonic() - t_wf
+    return _finish(config, inputs, failures, t0, phases)
 
 
 def _label(image) -> str:
@@ -526,7 +532,23 @@ def _read_crashfiles(log_dir: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
-def _finish(config, inputs, failures: dict[str, Failure], t0: float) -> int:
+def _add_run_timings(path: Path, phases: dict[str, float]) -> None:
+    """Append the run's phases to ``timings.tsv`` as rows of the image ``(run)``.
+
+    ``setup``: start-up, validation, indexing, pre-flight reads and the graph; ``workflow``: every
+    stage of every image; ``reports``: the HTML reports; ``total``: all of it.
+    """
+    from ..io import atomic_write_text
+
+    text = path.read_text() if path.is_file() else "image\tstage\tseconds\n"
+    rows = "".join(f"(run)\t{stage}\t{seconds:.2f}\n" for stage, seconds in phases.items())
+    atomic_write_text(path, text + rows)
+
+
+def _finish(
+    config, inputs, failures: dict[str, Failure], t0: float, phases: dict[str, float] | None = None
+) -> int:
+    t_reports = time.monotonic()
     try:
         from ..reports.subject import write_reports
 
@@ -535,6 +557,11 @@ def _finish(config, inputs, failures: dict[str, Failure], t0: float) -> int:
         LOGGER.warning("could not write the HTML reports: %s", err)
         if config.verbose:
             traceback.print_exc()
+    if phases is not None:
+        phases["reports"] = time.monotonic() - t_reports
+        phases["total"] = time.monotonic() - min(_T_START, t0)
+        with contextlib.suppress(OSError):
+            _add_run_timings(config.log_dir / "timings.tsv", phases)
     n = len(inputs)
     elapsed = time.monotonic() - t0
     if failures:
