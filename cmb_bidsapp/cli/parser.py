@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--n_cpus",
         type=_positive_int,
         metavar="N",
-        help="processes to run at once (default: all available CPUs)",
+        help="processes to run at once (default: all available CPUs); a single image runs its "
+        "steps one after another in the app's own process, each with --omp-nthreads threads",
     )
     g.add_argument(
         "--omp-nthreads",
