@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -203,13 +204,15 @@ def write_into_bundle(bundle_dir: Path, calib: dict) -> None:
             flags=re.S,
         )
         text = re.sub(
-            r"^Default `--threshold` = [0-9.]+: (.*)$",
-            r"Validation operating point (not the default, see below): \1",
+            r"^Default `--threshold` = ([0-9.]+): (.*)$",
+            r"Validation operating point \1 (not the default, see below): \2",
             text,
             flags=re.M,
         )
+        text = text.replace("At the default threshold:", "At the validation operating point:")
         marker = "\n## Knowledge distillation gain"
         block = markdown(calib)
+        text = text.rstrip("\n") + "\n" if marker not in text else text
         text = text.replace(marker, "\n" + block + marker, 1) if marker in text else text + block
         atomic_write_text(md_path, text)
 
@@ -252,7 +255,7 @@ def main() -> None:
         "description": args.description or ", ".join(str(c) for c in args.cohorts),
         "n_images": len(images),
         "n_reference": sum(r["n_ref"] for r in images),
-        "command": "python benchmarks/calibrate_threshold.py " + " ".join(sys.argv[1:]),
+        "command": "python benchmarks/calibrate_threshold.py " + shlex.join(sys.argv[1:]),
         "table": rows,
     }
     from cmb_bidsapp.io import atomic_write_json
