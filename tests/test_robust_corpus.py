@@ -154,10 +154,19 @@ def test_variants_give_the_same_answer(corpus_run):
         other = _lesions(out, name)
         assert len(other) == len(good), name
         assert np.allclose(other[["x", "y", "z"]], good[["x", "y", "z"]], atol=0.05), name
-    # no orientation: the same voxels on assumed axes, so the networks see the head turned on the
-    # working grid; on this coarse test grid (outside their 0.45-1 mm range) a marginal detection
-    # may come or go
-    assert abs(len(_lesions(out, "noorient")) - len(good)) <= 1
+    # no orientation: the same voxels on assumed axes. Everything before the networks is the same;
+    # the networks see the head turned on their working grid, so scores near the threshold move
+    # (on this coarse test grid, outside their 0.45-1 mm range). The same candidates are found:
+    # each lesion of the original is, at the same voxel, a lesion or a rejected candidate.
+    noorient_mask = _image(out, "noorient", "_desc-brain_mask.nii.gz")
+    assert np.array_equal(noorient_mask > 0, mask > 0)
+    anat = out / "sub-noorient" / "anat"
+    rejected = pd.read_csv(
+        anat / "sub-noorient_desc-CMBrejected_lesions.tsv", sep="\t", na_values=["n/a"]
+    )
+    found = pd.concat([_lesions(out, "noorient"), rejected])[["i", "j", "k"]].to_numpy()
+    for ijk in good[["i", "j", "k"]].to_numpy():
+        assert len(found) and np.abs(found - ijk).max(axis=1).min() <= 1, ijk
     prep = _image(out, "good", "_desc-preproc_T2starw.nii.gz")
     scl = _image(out, "scl", "_desc-preproc_T2starw.nii.gz")
     assert np.corrcoef(prep.ravel(), scl.ravel())[0, 1] > 0.9999
