@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 # Two pytest workers, one test file each at a time (module-scoped fixtures are built once): on a
-# 2-core machine the suite took 632 s this way against about 870 s in one process.
+# 2-core machine the suite took 632-644 s this way against 866 s in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 # The demo cohort (tests/test_app_e2e.py runs the app and the BIDS validator on this same cohort)
 DEMO_SYNTH_ARGS := --n-subjects 4 --size full --kinds mix --skull-fraction 0.5 --seed 42
