@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -18,15 +17,6 @@ from cmb_bidsapp.errors import EXIT_NO_MATCH
 from cmb_bidsapp.workflows.group import run_group
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location(
-        "bench_group", ROOT / "benchmarks" / "bench_group.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -148,8 +138,8 @@ def test_participant_label_selects_subjects(cohort, tmp_path):
     assert set(counts["participant_id"]) == {"sub-02"}
 
 
-def test_outlier_counts_are_flagged(tmp_path):
-    bench = _bench()
+def test_outlier_counts_are_flagged(tmp_path, benchmark_script):
+    bench = benchmark_script("bench_group")
     bids, out, _ = bench.fabricate(tmp_path, 60, seed=1)
     counts_tsv = next(out.glob("sub-0007/anat/*_desc-CMB_counts.tsv"))
     table = _read(counts_tsv)
@@ -164,9 +154,9 @@ def test_outlier_counts_are_flagged(tmp_path):
     assert "sub-0007" in (out / "group.html").read_text().split("Outlier counts")[1]
 
 
-def test_group_of_300_subjects_is_fast(tmp_path):
+def test_group_of_300_subjects_is_fast(tmp_path, benchmark_script):
     """Measured under load on a shared 2-core machine (the full benchmark: bench_group.py)."""
-    bench = _bench()
+    bench = benchmark_script("bench_group")
     bids, out, n_lesions = bench.fabricate(tmp_path, 300, seed=2)
     t0 = time.perf_counter()
     assert run_group(_config(bids, out)) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,21 +12,12 @@ from cmb_bidsapp.models.bundle import copy_bundle, default_bundle_path, load_bun
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _calibrate():
-    spec = importlib.util.spec_from_file_location(
-        "calibrate_threshold", ROOT / "benchmarks" / "calibrate_threshold.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _image(by_threshold):
     return {"cohort": "c", "key": "k", "kind": "swi", "n_ref": 4, "by_threshold": by_threshold}
 
 
-def test_choose_is_the_most_sensitive_threshold_within_the_budget():
-    cal = _calibrate()
+def test_choose_is_the_most_sensitive_threshold_within_the_budget(benchmark_script):
+    cal = benchmark_script("calibrate_threshold")
     # FP per subject (2 images): falls with the threshold, with a bump at 0.50
     fps = {f"{t:.2f}": 0 for t in (0.0, *cal.GRID)}
     for t in cal.GRID:
@@ -42,8 +32,8 @@ def test_choose_is_the_most_sensitive_threshold_within_the_budget():
     assert chosen["sensitivity"] == 0.75 and chosen["fp_per_subject"] == 1.0
 
 
-def test_written_threshold_is_read_back_and_the_bundle_still_verifies(tmp_path):
-    cal = _calibrate()
+def test_written_threshold_is_read_back_and_the_bundle_still_verifies(tmp_path, benchmark_script):
+    cal = benchmark_script("calibrate_threshold")
     bundle_dir = copy_bundle(default_bundle_path(), tmp_path / "bundle")
     rows = cal.table([_image({f"{t:.2f}": [3, 1, 1] for t in (0.0, *cal.GRID)})])
     calib = {
