@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO ?= demo
 # Two pytest workers, one test file each at a time (module-scoped fixtures are built once): on a
-# 2-core machine the suite took 632-644 s this way against 866 s in one process.
+# 2-core machine the suite took 632-668 s this way against 866 s in one process.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 # The demo cohort (tests/test_app_e2e.py runs the app and the BIDS validator on this same cohort)
 DEMO_SYNTH_ARGS := --n-subjects 4 --size full --kinds mix --skull-fraction 0.5 --seed 42
@@ -37,10 +37,12 @@ demo: $(STAMP)
 	@echo "  $(BIN)/cmb-bidsapp-eval $(DEMO)/derivatives $(DEMO)/bids/derivatives/reference"
 
 # Debian packages the tests need: chromium (browser test of the reports) and slurmctld, slurmd,
-# slurm-client, munge (the real SLURM test). The script installs them with apt-get when run as root
-# on Debian/Ubuntu (CI), and otherwise says why those tests will skip.
+# slurm-client, munge (the real SLURM test). The script installs them with apt-get install when run
+# as root on Debian/Ubuntu (CI), and otherwise says why those tests will skip.
+SYSTEM_TEST_PACKAGES := chromium slurmctld slurmd slurm-client munge
+
 system-test-deps:
-	./scripts/install-test-system-deps.sh
+	./scripts/install-test-system-deps.sh $(SYSTEM_TEST_PACKAGES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the system packages that the system tests use (called by `make test`).
+# Install the system packages that the system tests use (called by `make test`, which passes
+# its SYSTEM_TEST_PACKAGES; without arguments, the same default list):
 #
 #   chromium                                   headless browser tests of the HTML reports
 #   slurmctld slurmd slurm-client munge        the real single-node SLURM test (scripts/slurm/)
@@ -12,7 +13,11 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-packages=(chromium slurmctld slurmd slurm-client munge)
+if [ "$#" -gt 0 ]; then
+    packages=("$@")
+else
+    packages=(chromium slurmctld slurmd slurm-client munge)
+fi
 if grep -rqs "write_graph" cmb_bidsapp; then
     packages+=(graphviz)
 fi
