@@ -21,6 +21,9 @@ Usage::
 3. Scores with ``cmb-bidsapp-eval OUT_DIR/pred OUT_DIR/bids/derivatives/reference`` and prints the table:
    lesion-wise sensitivity, FP per subject, precision, F1, count difference, per MARS class and
    per kind, and the KD gain. Everything is also written to ``OUT_DIR/accuracy.json``.
+4. ``--write-card DIR`` stores the result in that bundle's model card: ``fresh_cohort`` in
+   ``model_card.json`` and the section "Accuracy on a fresh simulated cohort" in
+   ``model_card.md`` (replacing an earlier one). Only use it with the bundle that was scored.
 """
 
 from __future__ import annotations
@@ -140,6 +143,116 @@ def _row(name: str, d: dict) -> str:
     )
 
 
+def card_record(result: dict, threshold: float, nokd_threshold: float | None) -> dict:
+    """The ``fresh_cohort`` record of the model card (from ``accuracy.json``)."""
+    keep = ("sensitivity", "fp_per_subject", "precision", "f1", "tp", "fp", "fn")
+
+    def pick(d: dict) -> dict:
+        return {k: d.get(k) for k in keep if k in d}
+
+    ev, cand = result["eval"], result["eval_candidates"]
+    tot = ev["totals"]
+    rec = {
+        "what": (
+            f"FRESH simulated cohort never used in training, validation or threshold calibration: "
+            f"cmb-bidsapp-synth --n-subjects {result['n_subjects']} --seed {result['seed']} "
+            "--kinds swi,t2starw,megre,qsm --size full (the simulator's realistic prevalence, "
+            "mimics present, skull in part); the app's preprocessing (deepbet when a skull is "
+            f"found); default threshold {threshold:.2f}; networks only (no clean-up step); scored "
+            "with cmb-bidsapp-eval (lesion-wise, 3 mm or overlap)."
+        ),
+        "command": result["command"],
+        "n_images": tot.get("n_images"),
+        "n_reference": tot.get("n_ref"),
+        "threshold": threshold,
+        "kd_student": pick(tot)
+        | {
+            k: tot.get(k)
+            for k in ("mean_abs_count_difference", "subject_accuracy", "subject_sensitivity")
+            if k in tot
+        },
+        "detector_candidates_at_t_det": pick(cand["totals"]),
+        "per_kind": {k: pick(d) for k, d in ev.get("per_kind", {}).items()},
+        "candidates_per_kind": {k: pick(d) for k, d in cand.get("per_kind", {}).items()},
+        "sensitivity_per_class": {
+            k: d.get("sensitivity") for k, d in ev.get("per_class", {}).items()
+        },
+    }
+    if nokd_threshold is not None and result.get("eval_nokd"):
+        rec[f"nokd_student_at_its_validation_threshold_{nokd_threshold:.2f}"] = pick(
+            result["eval_nokd"]["totals"]
+        )
+    return rec
+
+
+def card_markdown(rec: dict) -> str:
+    def f(v, nd=3):
+        return "n/a" if v is None else f"{v:.{nd}f}"
+
+    n_img = rec["n_images"]
+    lines = [
+        f"## Accuracy on a fresh simulated cohort ({n_img} images, seed "
+        f"{rec['command'].split('--seed')[1].split()[0] if '--seed' in rec['command'] else '?'})",
+        "",
+        rec["what"],
+        "",
+        f"`{rec['command']}`",
+        "",
+        "| set | sensitivity | FP/subject | precision | F1 | TP | FP | FN |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [(f"KD student (default, threshold {rec['threshold']:.2f})", rec["kd_student"])]
+    rows += [
+        (f"no-KD student (threshold {k.rsplit('_', 1)[1]})", v)
+        for k, v in rec.items()
+        if k.startswith("nokd_student")
+    ]
+    rows.append(("detector candidates (before the student)", rec["detector_candidates_at_t_det"]))
+    rows += [(f"KD student, {k}", v) for k, v in rec["per_kind"].items()]
+    for name, d in rows:
+        lines.append(
+            f"| {name} | {f(d.get('sensitivity'))} | {f(d.get('fp_per_subject'), 2)} | "
+            f"{f(d.get('precision'))} | {f(d.get('f1'))} | {d.get('tp')} | {d.get('fp')} | "
+            f"{d.get('fn')} |"
+        )
+    lines += [
+        "",
+        "Sensitivity per MARS class: "
+        + ", ".join(f"{k} {f(v)}" for k, v in rec["sensitivity_per_class"].items())
+        + ". Candidate sensitivity per kind: "
+        + ", ".join(f"{k} {f(v.get('sensitivity'))}" for k, v in rec["candidates_per_kind"].items())
+        + f". Mean absolute count difference {f(rec['kd_student'].get('mean_abs_count_difference'), 2)}.",
+        "",
+    ]
+    kd = rec["kd_student"]
+    met = (kd.get("sensitivity") or 0) >= 0.90 and (kd.get("fp_per_subject") or 99) <= 1.0
+    lines.append(
+        ("**Targets met" if met else "**Below the targets")
+        + " (lesion-wise sensitivity >= 0.90 with <= 1 FP/subject)** on this simulated cohort: "
+        + f"sensitivity {f(kd.get('sensitivity'))}, {f(kd.get('fp_per_subject'), 2)} FP/subject."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_card(bundle_dir: Path, rec: dict) -> None:
+    """Store ``rec`` in the bundle's model card (JSON key ``fresh_cohort`` and its Markdown section)."""
+    from cmb_bidsapp.io import atomic_write_json, atomic_write_text
+    from cmb_bidsapp.models.card import replace_markdown_section
+
+    card_path = bundle_dir / "model_card.json"
+    card = json.loads(card_path.read_text())
+    card["fresh_cohort"] = rec
+    atomic_write_json(card_path, card)
+    md_path = bundle_dir / "model_card.md"
+    text = replace_markdown_section(
+        md_path.read_text(),
+        "Accuracy on a fresh simulated cohort",
+        card_markdown(rec),
+        before="Versions",
+    )
+    atomic_write_text(md_path, text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
@@ -152,6 +265,13 @@ def main() -> None:
         "--prepare-only",
         action="store_true",
         help="simulate and preprocess (cached in OUT_DIR/cache) without a bundle, then stop",
+    )
+    ap.add_argument(
+        "--write-card",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="store the result in this bundle's model card (the bundle scored)",
     )
     args = ap.parse_args()
     if args.prepare_only:
@@ -242,6 +362,13 @@ def main() -> None:
     print(f"\ncount difference (mean |n_pred - n_ref|): {tot.get('mean_abs_count_difference')}")
     print(json.dumps({k: tot.get(k) for k in tot if "subject" in k or "auc" in k}, indent=1))
     print(f"simulation {t_sim / 60:.1f} min, detection {t_det / 60:.1f} min")
+    if args.write_card is not None:
+        from cmb_bidsapp.models.bundle import load_bundle
+
+        b = load_bundle(args.bundle, "cpu")
+        nokd = b.meta.get("ablation", {}).get("student_nokd_threshold")
+        write_card(args.write_card, card_record(result, b.default_threshold, nokd))
+        print(f"model card of {args.write_card} updated")
 
 
 if __name__ == "__main__":

@@ -178,6 +178,7 @@ def markdown(calib: dict) -> str:
 def write_into_bundle(bundle_dir: Path, calib: dict) -> None:
     from cmb_bidsapp.io import atomic_write_json, atomic_write_text
     from cmb_bidsapp.models.bundle import sha256_file
+    from cmb_bidsapp.models.card import replace_markdown_section
 
     meta_path = bundle_dir / "bundle.json"
     meta = json.loads(meta_path.read_text())
@@ -198,22 +199,18 @@ def write_into_bundle(bundle_dir: Path, calib: dict) -> None:
     if md_path.exists():
         text = md_path.read_text()
         text = re.sub(
-            r"\n## Default threshold: calibrated on realistic simulated cohorts\n.*?(?=\n## |\Z)",
-            "\n",
-            text,
-            flags=re.S,
-        )
-        text = re.sub(
             r"^Default `--threshold` = ([0-9.]+): (.*)$",
             r"Validation operating point \1 (not the default, see below): \2",
             text,
             flags=re.M,
         )
         text = text.replace("At the default threshold:", "At the validation operating point:")
-        marker = "\n## Knowledge distillation gain"
-        block = markdown(calib)
-        text = text.rstrip("\n") + "\n" if marker not in text else text
-        text = text.replace(marker, "\n" + block + marker, 1) if marker in text else text + block
+        text = replace_markdown_section(
+            text,
+            "Default threshold: calibrated on realistic simulated cohorts",
+            markdown(calib),
+            before="Knowledge distillation gain",
+        )
         atomic_write_text(md_path, text)
 
 

@@ -288,3 +288,23 @@ def write_trained_bundle(
     card, md = build_card(result, settings, meta, data_info, command, timings)
     models = {k: result["models"][k] for k in ("detector", "teacher", "student", "student_nokd")}
     return save_bundle(out, models, meta, thresholds=kd["rows"], card_json=card, card_md=md)
+
+
+def replace_markdown_section(text: str, title: str, block: str, before: str | None = None) -> str:
+    """``text`` (a model card in Markdown) with its ``## {title}`` section replaced by ``block``.
+
+    The section runs from its heading to the next ``## `` heading or the end. When there is no
+    such section, ``block`` is inserted before the ``## {before}`` heading (when present), else
+    appended. ``block`` starts with its own ``## {title}`` heading. ``title`` is matched as a
+    prefix, so a section whose heading says more (a seed, a count) is replaced too.
+    """
+    import re
+
+    pattern = re.compile(r"\n## " + re.escape(title) + r"[^\n]*\n.*?(?=\n## |\Z)", re.S)
+    block = block.strip("\n") + "\n"
+    if pattern.search(text):
+        return pattern.sub(lambda _m: "\n" + block, text, count=1)
+    marker = f"\n## {before}" if before else None
+    if marker and marker in text:
+        return text.replace(marker, "\n" + block + marker, 1)
+    return text.rstrip("\n") + "\n\n" + block
