@@ -111,7 +111,18 @@ def detect_image(image, bundle_path: str | None, out: Path, threads: int) -> dic
         atomic_save_nifti(nib.Nifti1Image((labels > 0).astype(np.uint8), affine), path)
     if b.student_nokd is not None:
         thr = float(b.meta.get("ablation", {}).get("student_nokd_threshold", b.default_threshold))
-        res2 = rescore(res, lb, fr, mask, affine, b.student_nokd, thr, patch_size=b.patch_size)
+        res2 = rescore(
+            res,
+            lb,
+            fr,
+            mask,
+            affine,
+            b.student_nokd,
+            thr,
+            patch_size=b.patch_size,
+            frst_grid=b.frst_grid,
+            radii_mm=b.frst_radii_mm,
+        )
         path = DerivativesWriter(out / "pred_nokd").path_for(image, "mask", label="CMB")
         atomic_save_nifti(nib.Nifti1Image((res2.labels > 0).astype(np.uint8), affine), path)
         out_row["detections_nokd"] = res2.n_lesions

@@ -25,7 +25,10 @@ cautious on realistic data. This script measures the same table on realistic coh
    in ``bundle.json`` and ``model_card.json`` (with the new sha256 of ``bundle.json``), and a
    section in ``model_card.md``. The weights are not touched.
 
-The clean-up step (which removes a few more false positives in the app) is not applied here.
+With ``--with-cleanup`` (cohorts of ``benchmarks/cleanup_effect.py`` only, which cache the phase
+and the registration) the app's clean-up step removes candidates before scoring, so that the
+table and the chosen threshold describe what the app writes; without it the clean-up (which
+removes a few more false positives in the app) is not applied.
 """
 
 from __future__ import annotations
@@ -65,7 +68,47 @@ def _reference(cohort: Path, key: str) -> Path | None:
     return None
 
 
-def score_cohort(cohort: Path, bundle, done: set | frozenset = frozenset()) -> list[dict]:
+def cleanup_removed(cohort: Path, key: str, path: Path, cand, scores, kind: str) -> set[int]:
+    """Ids of the candidates that the app's clean-up step (:func:`~cmb_bidsapp.detect.cleanup.
+    clean_up`, default parameters) removes, with the inputs the app gives it: the preprocessed
+    image, the high-pass phase where there is one, and the registration's MARS map, tissue priors
+    and MNI mapping. Needs a cohort of ``benchmarks/cleanup_effect.py`` (``cache/<key>_base.npz``
+    and the transforms). Every candidate is cleaned at once (threshold 0): the rules judge each
+    candidate alone, except ``pallidal``, which pairs mirror-image candidates, so a pair can
+    form here with a candidate that a threshold would drop (it can only remove more).
+    """
+    from cleanup_effect import _registration
+
+    from cmb_bidsapp.anatomy.registration import native_to_mni
+    from cmb_bidsapp.detect.cleanup import clean_up
+
+    if not path.name.endswith("_base.npz"):
+        raise SystemExit(f"--with-cleanup needs a cleanup_effect.py cohort; {path} is not one")
+    z = np.load(path)
+    reg = _registration(cohort / "cache", key, z)
+    res = clean_up(
+        cand,
+        {i + 1: float(v) for i, v in enumerate(scores)},
+        z["image"],
+        z["mask"] > 0,
+        z["affine"],
+        kind=kind,
+        phase=z["phase"] if z["phase"].size else None,
+        regions=z["regions"] if reg is not None else None,
+        tissue=(
+            {k.upper(): z[k].astype(np.float32) for k in ("csf", "gm", "wm")}
+            if reg is not None
+            else None
+        ),
+        to_mni=(lambda p: native_to_mni(np.asarray(p, dtype=float), reg)) if reg else None,
+    )
+    kept = set(res.kept_ids)
+    return {i for i in range(1, len(scores) + 1) if i not in kept}
+
+
+def score_cohort(
+    cohort: Path, bundle, done: set | frozenset = frozenset(), with_cleanup: bool = False
+) -> list[dict]:
     """Per image: TP, FP, FN at every threshold of the grid (and the candidate recall)."""
     import nibabel as nib
 
@@ -87,8 +130,12 @@ def score_cohort(cohort: Path, bundle, done: set | frozenset = frozenset()) -> l
         ref = np.asarray(nib.load(ref_path).dataobj) > 0
         res = detect(lb, fr, mask, affine, bundle, threshold=0.0)
         cand, scores = res.candidate_labels, np.asarray(res.candidate_scores)
+        kind = infer_kind(ref_path, raw_dir=cohort / "bids")[0]
+        removed = cleanup_removed(cohort, key, path, cand, scores, kind) if with_cleanup else set()
         lut = np.zeros(len(scores) + 1, dtype=np.float32)
         lut[1:] = scores
+        if removed:  # removed by the clean-up: never kept, whatever the threshold
+            lut[sorted(removed)] = -1.0
         score_map = np.where(cand > 0, lut[cand], -1.0)
         per = {}
         for thr in (0.0, *GRID):
@@ -98,9 +145,10 @@ def score_cohort(cohort: Path, bundle, done: set | frozenset = frozenset()) -> l
             {
                 "cohort": cohort.name,
                 "key": key,
-                "kind": infer_kind(ref_path, raw_dir=cohort / "bids")[0],
+                "kind": kind,
                 "n_ref": per["0.00"][0] + per["0.00"][2],
                 "candidates": int(len(scores)),
+                "removed_by_cleanup": len(removed),
                 "by_threshold": per,
                 "seconds": round(time.perf_counter() - t0, 1),
             }
@@ -158,7 +206,12 @@ def markdown(calib: dict) -> str:
         "",
         f"Calibration cohorts: {calib['description']} ({calib['n_images']} images, "
         f"{calib['n_reference']} reference microbleeds; no network saw them). Command: "
-        f"`{calib['command']}`. The clean-up step is not applied in this table.",
+        f"`{calib['command']}`. "
+        + (
+            "The app's clean-up step is applied before scoring, as in the app's outputs."
+            if calib.get("with_cleanup")
+            else "The clean-up step is not applied in this table."
+        ),
         "",
         "| threshold | sensitivity | FP/subject | precision | F1 |",
         "|---|---|---|---|---|",
@@ -223,6 +276,11 @@ def main() -> None:
     ap.add_argument("--description", default="", help="what the cohorts are (for the model card)")
     ap.add_argument("--write", type=Path, default=None, help="store the result in this bundle")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--with-cleanup",
+        action="store_true",
+        help="apply the app's clean-up step before scoring (cleanup_effect.py cohorts only)",
+    )
     args = ap.parse_args()
 
     import torch
@@ -234,11 +292,12 @@ def main() -> None:
     images = []
     if args.json.exists():  # resume: keep the images already scored with this bundle
         prev = json.loads(args.json.read_text())
-        if prev.get("bundle_sha256") == bundle.sha256:
+        same_cleanup = prev.get("calibration", {}).get("with_cleanup", False) == args.with_cleanup
+        if prev.get("bundle_sha256") == bundle.sha256 and same_cleanup:
             images = prev.get("images", [])
     done = {(r["cohort"], r["key"]) for r in images}
     for cohort in args.cohorts:
-        images += score_cohort(cohort, bundle, done)
+        images += score_cohort(cohort, bundle, done, with_cleanup=args.with_cleanup)
     rows = table(images)
     chosen = choose(rows, args.fp_budget)
     calib = {
@@ -249,6 +308,7 @@ def main() -> None:
             f"sensitivity {chosen['sensitivity']:.3f}, FP/subject {chosen['fp_per_subject']:.2f}"
         ),
         "fp_budget": args.fp_budget,
+        "with_cleanup": bool(args.with_cleanup),
         "description": args.description or ", ".join(str(c) for c in args.cohorts),
         "n_images": len(images),
         "n_reference": sum(r["n_ref"] for r in images),

@@ -14,6 +14,7 @@ from cmb_bidsapp.models.infer import (
     detector_probability,
     gaussian_importance,
     plan_windows,
+    working_inputs,
 )
 
 
@@ -172,3 +173,68 @@ def test_default_bundle_finds_simulated_microbleeds():
     found = (d.min(axis=1) <= 2.0).sum()
     assert found >= rn - 1, (found, rn, d.min(axis=1))
     assert n - found <= 2  # few false positives on this subject
+
+
+def _one_voxel_source(shape=(80, 72, 40), vs=(0.68, 0.75, 1.38)):
+    """A bright one-voxel microbleed (QSM-like: tissue 0.5, lesion 0.8) on an anisotropic grid."""
+    rng = np.random.default_rng(0)
+    lb = (0.5 + rng.normal(0, 0.02, shape)).astype(np.float32)
+    centre = (40, 36, 20)
+    lb[centre] = 0.8
+    brain = np.zeros(shape, np.uint8)
+    brain[5:-5, 5:-5, 3:-3] = 1
+    lb[brain == 0] = 0
+    affine = np.diag([*vs, 1.0])
+    return lb, brain, affine, centre
+
+
+def test_working_frst_keeps_a_one_voxel_peak_that_resampling_loses():
+    """The reason for ``frst_grid = working`` (:func:`working_frst`): a one-voxel source's FRST
+    peak is one voxel wide, and resampling the source grid's map to the working grid loses much
+    of it (the networks see absolute values); computed on the working grid it stays high and
+    above the background. Four positions of the source against the working grid."""
+    from cmb_bidsapp.detect.frst import frst
+
+    vs = (0.68, 0.75, 1.38)
+    resampled, working, background = [], [], []
+    for centre in [(40, 36, 20), (41, 37, 21), (40, 37, 20), (39, 35, 19)]:
+        lb, brain, affine, _ = _one_voxel_source(vs=vs)
+        lb[40, 36, 20] = lb[40, 36, 19]
+        lb[centre] = 0.8
+        fr = frst(lb, vs, bright=True, mask=brain > 0)
+        grid, v_src, bw = working_inputs(lb, fr, brain, affine, frst_grid="source")
+        _, v_work, bw2 = working_inputs(lb, None, brain, affine, frst_grid="working")
+        assert np.array_equal(bw, bw2) and np.array_equal(v_src[0], v_work[0])
+        assert v_work[1].min() >= 0 and v_work[1].max() <= 1
+        w = np.rint(grid.world_to_voxel((np.asarray(centre, float) * vs)[None]))[0]
+        sl = tuple(slice(int(c) - 2, int(c) + 3) for c in w)
+        resampled.append(v_src[1][sl].max())
+        working.append(v_work[1][sl].max())
+        background.append(np.percentile(v_work[1][bw > 0], 99.9))
+    assert np.mean(working) > np.mean(resampled) + 0.15
+    assert np.mean(working) > 1.3 * np.mean(background)
+    lb, brain, affine, _ = _one_voxel_source(vs=vs)
+    with pytest.raises(ValueError, match="frst_map"):
+        working_inputs(lb, None, brain, affine, frst_grid="source")
+    with pytest.raises(ValueError, match="frst_grid"):
+        working_inputs(lb, lb, brain, affine, frst_grid="native")
+
+
+def test_bundle_frst_grid_defaults_to_source_for_older_bundles(tiny_bundle, tmp_path):
+    """A bundle without ``preprocessing.frst_grid`` (written before it existed) resamples the
+    source map, as it was trained to; one that says ``working`` needs no source map."""
+    import json
+    import shutil
+
+    b = load_bundle(tiny_bundle, "cpu")
+    assert b.frst_grid == "source" and b.frst_radii_mm == (1.0, 1.5, 2.0, 2.5)
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    meta = json.loads((copy / "bundle.json").read_text())
+    meta.setdefault("preprocessing", {})["frst_grid"] = "working"
+    (copy / "bundle.json").write_text(json.dumps(meta))
+    bw = load_bundle(copy, "cpu")
+    assert bw.frst_grid == "working"
+    lb, brain, affine, _ = _one_voxel_source()
+    res = detect(lb, None, brain, affine, bw, t_det=0.0001, threshold=0.0)
+    assert res.probseg.shape == lb.shape and res.probseg[brain == 0].max() == 0.0

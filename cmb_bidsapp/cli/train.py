@@ -139,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start both students from random weights or from the teacher's Tf + Tc",
     )
     t.add_argument("--student-lr", type=float, default=None, help="student learning rate")
+    t.add_argument(
+        "--frst-grid",
+        choices=("source", "working"),
+        default="source",
+        help="resample the source grid's radial-symmetry map to the working grid (the default "
+        "bundle's way), or compute the map on the working grid (keeps one-voxel peaks; see "
+        "docs/training.md for what it gave)",
+    )
     t.add_argument("--kd-temperature", type=float, default=4.0)
     t.add_argument("--kd-alpha", type=float, default=0.3)
     t.add_argument("--seed", type=int, default=0)
@@ -368,8 +376,18 @@ def run(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_OK
     by_key = {it["key"]: it for it in items}
-    train = [load_prepared(by_key[k]["folder"], source=False) for k in train_keys]
-    val = [load_prepared(by_key[k]["folder"]) for k in val_keys]
+    if args.frst_grid == "working":
+        from ..models.data import ensure_working_frst
+
+        t1 = time.perf_counter()
+        for it in items:
+            ensure_working_frst(it["folder"])
+        log(f"working-grid FRST of {len(items)} images ready in {time.perf_counter() - t1:.0f} s")
+    train = [
+        load_prepared(by_key[k]["folder"], source=False, frst_grid=args.frst_grid)
+        for k in train_keys
+    ]
+    val = [load_prepared(by_key[k]["folder"], frst_grid=args.frst_grid) for k in val_keys]
 
     s = TrainSettings(
         seed=args.seed,
@@ -383,6 +401,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         detector_lr=args.detector_lr,
         kd_temperature=args.kd_temperature,
         kd_alpha=args.kd_alpha,
+        frst_grid=args.frst_grid,
         val_fraction=args.val_fraction,
         progress=not args.no_progress,
     )

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..detect.frst import DEFAULT_RADII_MM
 from ..errors import InputError
 from ..io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from . import networks
@@ -106,6 +107,17 @@ class Bundle:
     @property
     def default_threshold(self) -> float:
         return float(self.meta["default_threshold"])
+
+    @property
+    def frst_grid(self) -> str:
+        """``working`` (the FRST channel computed on the working grid) or ``source`` (the source
+        grid's map resampled; bundles written before this setting existed)."""
+        return str(self.meta.get("preprocessing", {}).get("frst_grid", "source"))
+
+    @property
+    def frst_radii_mm(self) -> tuple[float, ...]:
+        pre = self.meta.get("preprocessing", {})
+        return tuple(float(r) for r in pre.get("frst_radii_mm", DEFAULT_RADII_MM))
 
     @property
     def patch_size(self) -> int:

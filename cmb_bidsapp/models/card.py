@@ -76,7 +76,14 @@ def bundle_meta(
             "normalisation": "cmb_bidsapp.preproc.normalise.lesion_bright",
             "bias_correction": "cmb_bidsapp.preproc.bias.n4_correct (not for QSM)",
             "frst_radii_mm": list(FRST_RADII_MM),
-            "frst": "cmb_bidsapp.detect.frst.frst(lesion_bright, radii_mm, bright=True, mask=brain)",
+            "frst_grid": getattr(settings, "frst_grid", "source"),
+            "frst": (
+                "cmb_bidsapp.models.infer.working_frst(working-grid lesion_bright, working-grid "
+                "brain, radii_mm): FRST computed on the working grid"
+                if getattr(settings, "frst_grid", "source") == "working"
+                else "cmb_bidsapp.detect.frst.frst(lesion_bright, radii_mm, bright=True, "
+                "mask=brain) on the source grid, resampled to the working grid"
+            ),
         },
         "t_det": float(result["t_det"]),
         "default_threshold": float(kd_threshold),
@@ -177,6 +184,26 @@ def build_card(
     return card, md
 
 
+def t_det_sentence(card: dict[str, Any]) -> str:
+    """The model card's sentence on ``t_det``, saying plainly when the candidate-sensitivity
+    target was not reached on validation (then ``t_det`` is the most sensitive threshold)."""
+    target = float(card.get("settings", {}).get("sensitivity_target", 0.97))
+    rows = card.get("t_det_table") or []
+    chosen = [r for r in rows if abs(float(r["t_det"]) - float(card["t_det"])) < 1e-9]
+    sens = float(chosen[0]["sensitivity"]) if chosen else None
+    if sens is None or sens >= target:
+        return (
+            f"Candidate threshold t_det = {card['t_det']:.3f} (highest that keeps >= "
+            f"{target:.0%} of the reference microbleeds as candidates)."
+        )
+    return (
+        f"Candidate threshold t_det = {card['t_det']:.3f}. **The {target:.0%} candidate-"
+        f"sensitivity target was NOT reached on validation:** the most sensitive threshold keeps "
+        f"{sens:.3f} of the validation microbleeds; t_det is the highest threshold that keeps "
+        "that many."
+    )
+
+
 def render_markdown(card: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     v = card["validation"]
     at = v["at_default_threshold"]
@@ -225,8 +252,7 @@ def render_markdown(card: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         "## Operating points (validation subjects)",
         "",
-        f"Candidate threshold t_det = {card['t_det']:.3f} (highest that keeps >= 97 % of the "
-        "reference microbleeds as candidates).",
+        t_det_sentence(card),
         f"Default `--threshold` = {card['default_threshold']:.2f}: {card['default_threshold_rule']}.",
         "",
         "| threshold | sensitivity | FP/subject | precision | F1 |",

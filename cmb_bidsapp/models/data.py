@@ -217,9 +217,40 @@ def save_prepared(p: Prepared, folder: str | Path) -> Path:
     return folder
 
 
-def load_prepared(folder: str | Path, *, mmap: bool = True, source: bool = True) -> Prepared:
-    """Read a prepared subject written by :func:`save_prepared` (arrays memory-mapped)."""
+WORKING_FRST_FILE = "image_frst-working.npy"
+"""The working-grid image with its FRST channel computed on the working grid (cached)."""
+
+
+def ensure_working_frst(folder: str | Path, radii_mm: tuple[float, ...] = FRST_RADII_MM) -> Path:
+    """Cache beside ``image.npy`` the same image whose channel 1 is the radial-symmetry map
+    computed on the working grid from channel 0 (:func:`cmb_bidsapp.models.infer.working_frst`,
+    what inference does for a bundle with ``frst_grid`` = ``working``). Returns its path."""
+    from .infer import working_frst
+
     folder = Path(folder)
+    out = folder / WORKING_FRST_FILE
+    if out.is_file():
+        return out
+    image = np.load(folder / "image.npy")
+    brain = np.load(folder / "brain.npy")
+    lb = np.asarray(image[0], dtype=np.float32)
+    fr = working_frst(lb, brain, radii_mm)
+    tmp = folder / (WORKING_FRST_FILE + ".part.npy")
+    np.save(tmp, np.stack([image[0], fr.astype(image.dtype)]))
+    tmp.replace(out)
+    return out
+
+
+def load_prepared(
+    folder: str | Path, *, mmap: bool = True, source: bool = True, frst_grid: str = "source"
+) -> Prepared:
+    """Read a prepared subject written by :func:`save_prepared` (arrays memory-mapped).
+
+    ``frst_grid="working"`` reads the image whose FRST channel was computed on the working grid
+    (:func:`ensure_working_frst`, computed and cached when missing).
+    """
+    folder = Path(folder)
+    image_file = ensure_working_frst(folder).name if frst_grid == "working" else "image.npy"
     meta = json.loads((folder / "meta.json").read_text())
     mode = "r" if mmap else None
     src = None
@@ -234,7 +265,7 @@ def load_prepared(folder: str | Path, *, mmap: bool = True, source: bool = True)
         subject=meta["subject"],
         session=meta.get("session"),
         kind=meta["kind"],
-        image=np.load(folder / "image.npy", mmap_mode=mode),
+        image=np.load(folder / image_file, mmap_mode=mode),
         brain=np.load(folder / "brain.npy", mmap_mode=mode),
         ref=np.load(folder / "ref.npy", mmap_mode=mode),
         grid=WorkingGrid.from_dict(meta["grid"]),

@@ -11,7 +11,7 @@ Building blocks
 Detector (step 1): ``UNet3D(widths=(8, 16, 32))``
     3 levels (two 2x max-poolings, transposed-convolution upsampling, skip concatenation), a 1x1x1
     head with 2 output classes (background, microbleed). Input sides must be multiples of 4.
-    Widths 8/16/32 (85,562 parameters) were chosen for CPU speed: on the 2 shared cores of the
+    Widths 8/16/32 (85,402 parameters) were chosen for CPU speed: on the 2 shared cores of the
     development machine it ran at about 1.2 M voxels/s (16/32/64: about 0.7 M voxels/s), and a
     brain on the 0.8 mm grid is about 6–8 M voxels. The published detector used 64/128/256
     (3.4 M parameters) on native-resolution patches.
@@ -23,7 +23,9 @@ Teacher (step 2): ``Teacher(widths=(16, 32, 64))`` on candidate-centred 24³ pat
     layers ``-> 128 -> 32 -> 2`` (dropout 0.2 before the first) ending in 2 LOGITS.
 
 Student (step 2): ``Student(widths=(8, 16, 32))``
-    Tf + Tc only, same layout as the teacher's, half the widths. It alone runs at inference.
+    Tf + Tc only, same layout as the teacher's, half the widths by default. It alone runs at
+    inference. The shipped bundle's student has the teacher's widths (16, 32, 64) and starts
+    from the teacher's Tf + Tc (``--student-init teacher``; the model card says why).
 """
 
 from __future__ import annotations

@@ -139,6 +139,7 @@ class TrainSettings:
     seg_weight: float = 1.0
     kd_temperature: float = KD_TEMPERATURE
     kd_alpha: float = KD_ALPHA
+    frst_grid: str = "source"
     sensitivity_target: float = 0.97
     fp_limit: float = 1.0
     val_fraction: float = 0.2
@@ -448,7 +449,13 @@ def run_detector_on_validation(
         src = p.source
         if src is None:
             raise ValueError(f"{p.key}: validation subjects must keep their source-grid maps")
-        grid, volume, brain_w = working_inputs(src["lb"], src["frst"], src["brain"], src["affine"])
+        grid, volume, brain_w = working_inputs(
+            src["lb"],
+            src["frst"],
+            src["brain"],
+            src["affine"],
+            frst_grid=ctx.settings.frst_grid,
+        )
         p_w = detector_probability(
             detector, volume, brain_w, device=ctx.device, max_window=MAX_WINDOW, overlap=OVERLAP
         )
