@@ -173,6 +173,7 @@ def card_record(result: dict, threshold: float, nokd_threshold: float | None) ->
             "with cmb-bidsapp-eval (lesion-wise, 3 mm or overlap)."
         ),
         "command": result["command"],
+        "seed": result["seed"],
         "n_images": tot.get("n_images"),
         "n_reference": tot.get("n_ref"),
         "threshold": threshold,
@@ -200,10 +201,8 @@ def card_markdown(rec: dict) -> str:
     def f(v, nd=3):
         return "n/a" if v is None else f"{v:.{nd}f}"
 
-    n_img = rec["n_images"]
     lines = [
-        f"## Accuracy on a fresh simulated cohort ({n_img} images, seed "
-        f"{rec['command'].split('--seed')[1].split()[0] if '--seed' in rec['command'] else '?'})",
+        f"## Accuracy on a fresh simulated cohort ({rec['n_images']} images, seed {rec['seed']})",
         "",
         rec["what"],
         "",

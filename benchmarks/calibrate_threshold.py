@@ -77,15 +77,14 @@ def cleanup_removed(cohort: Path, key: str, path: Path, cand, scores, kind: str)
     candidate alone, except ``pallidal``, which pairs mirror-image candidates, so a pair can
     form here with a candidate that a threshold would drop (it can only remove more).
     """
-    from cleanup_effect import _registration
+    from cleanup_effect import cleanup_inputs
 
-    from cmb_bidsapp.anatomy.registration import native_to_mni
     from cmb_bidsapp.detect.cleanup import clean_up
 
     if not path.name.endswith("_base.npz"):
         raise SystemExit(f"--with-cleanup needs a cleanup_effect.py cohort; {path} is not one")
     z = np.load(path)
-    reg = _registration(cohort / "cache", key, z)
+    _, inputs = cleanup_inputs(cohort / "cache", key, z)
     res = clean_up(
         cand,
         {i + 1: float(v) for i, v in enumerate(scores)},
@@ -93,14 +92,7 @@ def cleanup_removed(cohort: Path, key: str, path: Path, cand, scores, kind: str)
         z["mask"] > 0,
         z["affine"],
         kind=kind,
-        phase=z["phase"] if z["phase"].size else None,
-        regions=z["regions"] if reg is not None else None,
-        tissue=(
-            {k.upper(): z[k].astype(np.float32) for k in ("csf", "gm", "wm")}
-            if reg is not None
-            else None
-        ),
-        to_mni=(lambda p: native_to_mni(np.asarray(p, dtype=float), reg)) if reg else None,
+        **inputs,
     )
     kept = set(res.kept_ids)
     return {i for i in range(1, len(scores) + 1) if i not in kept}

@@ -313,12 +313,31 @@ def _lesion_table(labels, affine, prob, reg, regions):
     )
 
 
+def cleanup_inputs(cache: Path, key: str, z) -> tuple:
+    """``(registration or None, kwargs)``: the optional inputs of
+    :func:`~cmb_bidsapp.detect.cleanup.clean_up` for one cached image, as the app gives them:
+    the high-pass phase where there is one, and, when the registration is usable, the MARS map,
+    the tissue priors and the MNI mapping."""
+    from cmb_bidsapp.anatomy.registration import native_to_mni
+
+    reg = _registration(cache, key, z)
+    return reg, {
+        "phase": z["phase"] if z["phase"].size else None,
+        "regions": z["regions"] if reg is not None else None,
+        "tissue": (
+            {k.upper(): z[k].astype(np.float32) for k in ("csf", "gm", "wm")}
+            if reg is not None
+            else None
+        ),
+        "to_mni": (lambda p: native_to_mni(np.asarray(p, dtype=float), reg)) if reg else None,
+    }
+
+
 def clean_image(image, out: Path, detector: str, params_json: str) -> dict:
     """Clean-up of one cached image; writes the masks before/after, lesion and rejected tables."""
     import nibabel as nib
     from scipy import ndimage as ndi
 
-    from cmb_bidsapp.anatomy.registration import native_to_mni
     from cmb_bidsapp.bids import DerivativesWriter
     from cmb_bidsapp.detect.cleanup import CleanupParams, clean_up
     from cmb_bidsapp.evaluation import score_pair
@@ -338,15 +357,8 @@ def clean_image(image, out: Path, detector: str, params_json: str) -> dict:
             int(i): float(v)
             for i, v in zip(ids, np.atleast_1d(ndi.maximum(d["probseg"], labels, ids)))
         }
-    reg = _registration(cache, key, z)
-    regions = z["regions"] if reg is not None else None
-    tissue = (
-        {k.upper(): z[k].astype(np.float32) for k in ("csf", "gm", "wm")}
-        if reg is not None
-        else None
-    )
-    to_mni = (lambda p: native_to_mni(np.asarray(p, dtype=float), reg)) if reg else None
-    phase = z["phase"] if z["phase"].size else None
+    reg, inputs = cleanup_inputs(cache, key, z)
+    regions = inputs["regions"]
     params = CleanupParams(
         **{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(params_json).items()}
     )
@@ -357,11 +369,8 @@ def clean_image(image, out: Path, detector: str, params_json: str) -> dict:
         mask,
         affine,
         kind=image.kind,
-        phase=phase,
-        regions=regions,
-        tissue=tissue,
-        to_mni=to_mni,
         params=params,
+        **inputs,
     )
     ref_path = (
         out

@@ -69,3 +69,43 @@ def test_shipped_bundle_default_is_its_calibrated_threshold():
         r for r in card["calibration"]["table"] if r["threshold"] == meta["default_threshold"]
     )
     assert row["fp_per_subject"] <= meta["calibration"]["fp_budget"] <= 1.0
+
+
+def test_fresh_cohort_result_replaces_its_card_section(tmp_path, benchmark_script):
+    """accuracy.py --write-card: the JSON record and the Markdown section (one, replaced, in
+    place) carry the figures of accuracy.json; writing twice changes nothing."""
+    acc = benchmark_script("accuracy")
+    bundle = copy_bundle(default_bundle_path(), tmp_path / "bundle")
+    totals = {
+        "sensitivity": 0.5,
+        "fp_per_subject": 0.25,
+        "precision": 0.8,
+        "f1": 0.615,
+        "tp": 3,
+        "fp": 1,
+        "fn": 3,
+        "n_images": 4,
+        "n_ref": 6,
+        "mean_abs_count_difference": 0.75,
+    }
+    result = {
+        "command": "python benchmarks/accuracy.py OUT --n 4 --seed 4242",
+        "n_subjects": 4,
+        "seed": 4242,
+        "eval": {"totals": totals, "per_kind": {"swi": totals}, "per_class": {"lobar": totals}},
+        "eval_candidates": {"totals": totals | {"sensitivity": 0.9}, "per_kind": {}},
+        "eval_nokd": {"totals": totals},
+    }
+    rec = acc.card_record(result, 0.85, 0.9)
+    for _ in range(2):
+        acc.write_card(bundle, rec)
+    md = (bundle / "model_card.md").read_text()
+    assert md.count("## Accuracy on a fresh simulated cohort") == 1
+    assert (
+        "(4 images, seed 4242)" in md and "| KD student (default, threshold 0.85) | 0.500 |" in md
+    )
+    assert "no-KD student (threshold 0.90)" in md and "**Below the targets" in md
+    assert md.index("## Accuracy on a fresh") < md.index("## Versions")
+    card = json.loads((bundle / "model_card.json").read_text())
+    assert card["fresh_cohort"]["seed"] == 4242
+    assert card["fresh_cohort"]["detector_candidates_at_t_det"]["sensitivity"] == 0.9

@@ -76,11 +76,11 @@ def bundle_meta(
             "normalisation": "cmb_bidsapp.preproc.normalise.lesion_bright",
             "bias_correction": "cmb_bidsapp.preproc.bias.n4_correct (not for QSM)",
             "frst_radii_mm": list(FRST_RADII_MM),
-            "frst_grid": getattr(settings, "frst_grid", "source"),
+            "frst_grid": settings.frst_grid,
             "frst": (
                 "cmb_bidsapp.models.infer.working_frst(working-grid lesion_bright, working-grid "
                 "brain, radii_mm): FRST computed on the working grid"
-                if getattr(settings, "frst_grid", "source") == "working"
+                if settings.frst_grid == "working"
                 else "cmb_bidsapp.detect.frst.frst(lesion_bright, radii_mm, bright=True, "
                 "mask=brain) on the source grid, resampled to the working grid"
             ),
