@@ -122,6 +122,7 @@ def detect_image(image, bundle_path: str | None, out: Path, threads: int) -> dic
             patch_size=b.patch_size,
             frst_grid=b.frst_grid,
             radii_mm=b.frst_radii_mm,
+            tta=b.student_tta,
         )
         path = DerivativesWriter(out / "pred_nokd").path_for(image, "mask", label="CMB")
         atomic_save_nifti(nib.Nifti1Image((res2.labels > 0).astype(np.uint8), affine), path)

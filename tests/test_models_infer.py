@@ -9,7 +9,9 @@ import torch
 from cmb_bidsapp.models import networks
 from cmb_bidsapp.models.bundle import default_bundle_path, load_bundle, save_bundle
 from cmb_bidsapp.models.infer import (
+    STUDENT_TTA,
     assemble,
+    classify_patches,
     detect,
     detector_probability,
     gaussian_importance,
@@ -238,3 +240,70 @@ def test_bundle_frst_grid_defaults_to_source_for_older_bundles(tiny_bundle, tmp_
     lb, brain, affine, _ = _one_voxel_source()
     res = detect(lb, None, brain, affine, bw, t_det=0.0001, threshold=0.0)
     assert res.probseg.shape == lb.shape and res.probseg[brain == 0].max() == 0.0
+
+
+class _LeftRight(torch.nn.Module):
+    """A patch classifier that is NOT mirror-symmetric: logit = mean of the patch's first half
+    along the last axis minus that of the second half."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        d = x[:, 0, ..., :half].mean(dim=(1, 2, 3)) - x[:, 0, ..., half:].mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(d), 10 * d], dim=1)
+
+
+def test_student_flip8_averages_the_mirror_images():
+    """``flip8`` is the mean softmax of the patch and its 7 mirror images: a classifier that
+    only sees left against right is fooled without it and averages to 0.5 with it."""
+    rng = np.random.default_rng(0)
+    vol = np.zeros((2, 40, 40, 40), dtype=np.float32)
+    vol[0, 10:30, 10:30, 10:20] = 1.0  # bright on the low side of the last axis
+    vol += rng.normal(0, 0.01, vol.shape).astype(np.float32)
+    centres = np.array([[20, 20, 20], [20, 20, 21]])
+    plain = classify_patches(_LeftRight(), vol, centres, tta="none")
+    flip = classify_patches(_LeftRight(), vol, centres, tta="flip8")
+    assert np.all(plain > 0.9)
+    np.testing.assert_allclose(flip, 0.5, atol=0.02)
+    # explicit mean over the 8 views of each patch
+    from cmb_bidsapp.models.sampling import extract_patch
+
+    for c, got in zip(centres, flip):
+        x = torch.from_numpy(extract_patch(vol, c, 24))[None]
+        views = [torch.flip(x, [a + 2 for a in axes]) for axes in STUDENT_TTA["flip8"]]
+        want = np.mean([torch.softmax(_LeftRight()(v), 1)[0, 1].item() for v in views])
+        assert got == pytest.approx(want, abs=1e-6)
+    with pytest.raises(ValueError, match="test-time augmentation"):
+        classify_patches(_LeftRight(), vol, centres, tta="rot90")
+
+
+def test_bundle_student_tta_follows_bundle_json(tiny_bundle, tmp_path, monkeypatch):
+    """Bundles written before ``inference.student_tta`` existed score the patch alone; a bundle
+    that says ``flip8`` gets it in :func:`detect`."""
+    import json
+    import shutil
+
+    from cmb_bidsapp.models import infer
+
+    meta = json.loads((tiny_bundle / "bundle.json").read_text())
+    meta.get("inference", {}).pop("student_tta", None)
+    bundles = {}
+    for tta in ("none", "flip8"):
+        copy = tmp_path / tta
+        shutil.copytree(tiny_bundle, copy)
+        if tta != "none":
+            meta.setdefault("inference", {})["student_tta"] = tta
+        (copy / "bundle.json").write_text(json.dumps(meta))
+        bundles[tta] = load_bundle(copy, "cpu")
+        assert bundles[tta].student_tta == tta
+    seen = []
+    real = infer.classify_patches
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("tta"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "classify_patches", spy)
+    lb, brain, affine, _ = _one_voxel_source()
+    for b in bundles.values():
+        detect(lb, np.zeros_like(lb), brain, affine, b, threshold=0.0)
+    assert seen == ["none", "flip8"]

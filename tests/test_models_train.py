@@ -112,7 +112,7 @@ def test_fit_checkpoints_and_resume(tmp_path):
         assert torch.allclose(full[k], model2.state_dict()[k])
 
 
-def test_cli_smoke_bundle_saves_reloads_predicts(tmp_path):
+def test_cli_smoke_bundle_saves_reloads_predicts(tmp_path, capsys):
     from cmb_bidsapp.cli.train import run
 
     out = tmp_path / "bundle"
@@ -163,6 +163,21 @@ def test_cli_smoke_bundle_saves_reloads_predicts(tmp_path):
     res = detect(lb, fr, raw.brain, raw.affine, b, t_det=0.01, threshold=0.0)
     assert res.probseg.shape == raw.image.shape and res.probseg.dtype == np.float32
     assert res.labels.max() == res.n_lesions == len(res.scores)
+    assert meta["inference"]["student_tta"] == "flip8"
+    # --resume with every stage finished: no training and no harvest of training candidates;
+    # the same weights re-bundled with another test-time setting, the candidate counts kept.
+    capsys.readouterr()
+    out2 = tmp_path / "bundle2"
+    args = [str(out2), "--simulate", "6", "--toy", "-w", str(tmp_path / "w"), "--epochs", "1"]
+    args += ["--iters", "2", "--no-progress", "--device", "cpu", "--seed", "3", "--resume"]
+    assert run([*args, "--student-tta", "none"]) == 0
+    log = "".join(capsys.readouterr())
+    assert "[harvest]" not in log and "resumed" in log
+    meta2 = json.loads((out2 / "bundle.json").read_text())
+    assert meta2["inference"]["student_tta"] == "none"
+    assert meta2["files"]["student.pt"] == meta["files"]["student.pt"]
+    card2 = json.loads((out2 / "model_card.json").read_text())
+    assert card2["training_candidates"] == card["training_candidates"] is not None
     # An altered weight file is refused.
     with open(out / "student.pt", "ab") as fh:
         fh.write(b"0")

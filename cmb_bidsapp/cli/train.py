@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         "bundle's way), or compute the map on the working grid (keeps one-voxel peaks; see "
         "docs/training.md for what it gave)",
     )
+    t.add_argument(
+        "--student-tta",
+        choices=("none", "flip8"),
+        default="flip8",
+        help="the student's test-time augmentation, recorded in the bundle and used by the app "
+        "and by the validation threshold table: flip8 averages the patch and its 7 mirror "
+        "images (see docs/training.md for what it gave), none scores the patch alone",
+    )
     t.add_argument("--kd-temperature", type=float, default=4.0)
     t.add_argument("--kd-alpha", type=float, default=0.3)
     t.add_argument("--seed", type=int, default=0)
@@ -402,6 +410,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         kd_temperature=args.kd_temperature,
         kd_alpha=args.kd_alpha,
         frst_grid=args.frst_grid,
+        student_tta=args.student_tta,
         val_fraction=args.val_fraction,
         progress=not args.no_progress,
     )

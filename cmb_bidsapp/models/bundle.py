@@ -120,6 +120,13 @@ class Bundle:
         return tuple(float(r) for r in pre.get("frst_radii_mm", DEFAULT_RADII_MM))
 
     @property
+    def student_tta(self) -> str:
+        """The student's test-time augmentation (``inference.student_tta``; ``none`` in bundles
+        written before this setting existed): a key of
+        :data:`cmb_bidsapp.models.infer.STUDENT_TTA`."""
+        return str(self.meta.get("inference", {}).get("student_tta", "none"))
+
+    @property
     def patch_size(self) -> int:
         return int(self.meta["networks"]["student"].get("patch_size", networks.PATCH_SIZE))
 

@@ -93,6 +93,7 @@ def bundle_meta(
             "min_candidate_mm3": MIN_CANDIDATE_MM3,
             "max_candidate_mm3": MAX_CANDIDATE_MM3,
             "detector_patch": settings.detector_patch,
+            "student_tta": settings.student_tta,
         },
         "kd": {"temperature": settings.kd_temperature, "alpha": settings.kd_alpha},
         "ablation": {

@@ -22,7 +22,11 @@
    (:func:`split_oversized`); only what is still too large at 0.9 is dropped.
 4. Each candidate gets a 24³ working-grid patch centred on its probability-weighted centre of
    mass, and the student's softmax probability of the "microbleed" class, ``s_c``. Patches are
-   scored in batches of ``batch_size``.
+   scored in batches of ``batch_size``. With the bundle's ``inference.student_tta`` =
+   ``flip8`` (test-time augmentation), ``s_c`` is the mean of the softmax probabilities of the
+   patch and its 7 mirror images (every combination of flips along the 3 axes, which training
+   also draws: :func:`~cmb_bidsapp.models.sampling.augment`); ``none`` (bundles written before
+   this setting existed) scores the patch alone.
 5. Outputs, all in the source grid:
 
    - ``probseg`` (``_label-CMB_probseg``): inside candidate ``c``,
@@ -69,6 +73,11 @@ FRST_RADII_MM: tuple[float, ...] = tuple(DEFAULT_RADII_MM)
 """Default FRST radii (mm); a bundle records its own (``preprocessing.frst_radii_mm``)."""
 FRST_GRIDS: tuple[str, ...] = ("source", "working")
 """Where the network's radial-symmetry channel is computed (:func:`working_inputs`)."""
+STUDENT_TTA: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": ((),),
+    "flip8": ((), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2), (0, 1, 2)),
+}
+"""Test-time augmentations of the student: the spatial axes flipped in each view (module doc)."""
 MAX_WINDOW = 112
 OVERLAP = 16
 MIN_CANDIDATE_MM3 = 1.0
@@ -188,18 +197,29 @@ def classify_patches(
     patch_size: int = 24,
     device: torch.device | str = "cpu",
     batch_size: int = 64,
+    tta: str = "none",
 ) -> np.ndarray:
-    """Softmax probability of class 1 for patches of ``volume`` (C, D, H, W) at ``centres`` (n, 3)."""
+    """Softmax probability of class 1 for patches of ``volume`` (C, D, H, W) at ``centres`` (n, 3).
+
+    ``tta``: a key of :data:`STUDENT_TTA`; the probability is averaged over its views.
+    """
+    if tta not in STUDENT_TTA:
+        raise ValueError(f"unknown student test-time augmentation {tta!r}: {sorted(STUDENT_TTA)}")
     device = resolve_device(device)
     model.eval()
     centres = np.asarray(centres, dtype=int).reshape(-1, 3)
     out = np.zeros(len(centres), dtype=np.float32)
+    views = STUDENT_TTA[tta]
     for b in range(0, len(centres), batch_size):
         batch = np.stack(
             [extract_patch(volume, c, patch_size) for c in centres[b : b + batch_size]]
         )
         x = torch.from_numpy(batch.astype(np.float32, copy=False)).to(device)
-        out[b : b + len(batch)] = torch.softmax(model(x), dim=1)[:, 1].float().cpu().numpy()
+        acc = torch.zeros(len(batch), dtype=torch.float32, device=device)
+        for axes in views:
+            xv = torch.flip(x, dims=[a + 2 for a in axes]) if axes else x
+            acc += torch.softmax(model(xv), dim=1)[:, 1].float()
+        out[b : b + len(batch)] = (acc / len(views)).cpu().numpy()
     return out
 
 
@@ -456,7 +476,13 @@ def detect(
 
     t3 = time.perf_counter()
     scores = classify_patches(
-        student, volume, centres_w, patch_size=bundle.patch_size, device=dev, batch_size=batch_size
+        student,
+        volume,
+        centres_w,
+        patch_size=bundle.patch_size,
+        device=dev,
+        batch_size=batch_size,
+        tta=bundle.student_tta,
     )
     times["student"] = time.perf_counter() - t3
 
@@ -494,10 +520,11 @@ def rescore(
     device: str | torch.device = "cpu",
     frst_grid: str = "source",
     radii_mm: tuple[float, ...] = FRST_RADII_MM,
+    tta: str = "none",
 ) -> DetectionResult:
     """The same candidates scored by another student (e.g. the no-KD ablation); no detector run.
 
-    ``frst_grid`` and ``radii_mm``: those of the bundle the student comes from.
+    ``frst_grid``, ``radii_mm`` and ``tta``: those of the bundle the student comes from.
     """
     affine = np.asarray(affine, dtype=float)
     _, volume, _ = working_inputs(
@@ -505,7 +532,12 @@ def rescore(
     )
     cand = result.candidate_labels
     scores = classify_patches(
-        student, volume, result.candidate_centres_working, patch_size=patch_size, device=device
+        student,
+        volume,
+        result.candidate_centres_working,
+        patch_size=patch_size,
+        device=device,
+        tta=tta,
     )
     inv = np.linalg.inv(affine)
     centres_src = result.candidate_centres @ inv[:3, :3].T + inv[:3, 3]

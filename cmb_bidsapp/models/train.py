@@ -140,6 +140,7 @@ class TrainSettings:
     kd_temperature: float = KD_TEMPERATURE
     kd_alpha: float = KD_ALPHA
     frst_grid: str = "source"
+    student_tta: str = "flip8"
     sensitivity_target: float = 0.97
     fp_limit: float = 1.0
     val_fraction: float = 0.2
@@ -836,7 +837,9 @@ def score_students(
     affs = [v.affine for v in vals]
     for name, model in students.items():
         scores = [
-            classify_patches(model, v.volume, rec["centres_w"], device=ctx.device)
+            classify_patches(
+                model, v.volume, rec["centres_w"], device=ctx.device, tta=ctx.settings.student_tta
+            )
             for v, rec in zip(vals, records)
         ]
         rows = threshold_table(records, scores, refs, affs)
@@ -858,6 +861,14 @@ def score_students(
             f"candidate AUC {out[name]['candidate_auc']:.3f}"
         )
     return out
+
+
+def stage_finished(ctx: Context, name: str) -> bool:
+    """True when ``--resume`` will reuse a FINISHED stage ``name`` from the work folder as it is."""
+    path = ctx.ckpt_dir / f"{name}.pt"
+    if not (ctx.resume and path.exists()):
+        return False
+    return bool(torch.load(path, map_location="cpu", weights_only=False)["state"].get("done"))
 
 
 def load_stage_from_ckpt(ctx: Context, name: str, model: nn.Module) -> bool:
@@ -959,9 +970,18 @@ def train_all(
     ctx.log(f"[t_det] chosen {t_det:.3f}")
 
     # -- candidates ------------------------------------------------------------------------
-    need_disc = any(x in s.stages for x in ("teacher", "student"))
+    # Training candidates are needed only by a discriminator stage that will train, not by
+    # finished stages that --resume reuses (e.g. to re-score validation into a new bundle);
+    # their counts, for the card, are kept in the work folder.
+    trains = {"teacher": ("teacher",), "student": ("student", "student_nokd")}
+    need_disc = any(
+        stage in s.stages and not all(stage_finished(ctx, n) for n in names)
+        for stage, names in trains.items()
+    )
     records, vx, vy = validation_candidates(vals, t_det)
     result["val_candidates"] = {"n": int(len(vy)), "positive": int(vy.sum())}
+    counts_path = ctx.ckpt_dir / "training_candidates.json"
+    cs = CandidateSet.empty()
     if need_disc:
         cs = harvest_training_candidates(ctx, models["detector"], train, t_det * HARVEST_FACTOR)
         result["train_candidates"] = {
@@ -969,6 +989,10 @@ def train_all(
             "positive": int(cs.labels.sum()),
             **{o: int((cs.origin == o).sum()) for o in ("candidate", "lesion", "mimic")},
         }
+        counts_path.parent.mkdir(parents=True, exist_ok=True)
+        counts_path.write_text(dumps(result["train_candidates"]))
+    elif counts_path.exists():
+        result["train_candidates"] = json.loads(counts_path.read_text())
 
     # -- teacher ---------------------------------------------------------------------------
     if "teacher" in s.stages:
